@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny random models (no downloads), so every test runs offline on a CPU in seconds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpt2forge.model import GPT, GPTConfig
+
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=64)
+
+
+@pytest.fixture
+def tiny_config() -> GPTConfig:
+    return GPTConfig(**TINY)
+
+
+@pytest.fixture
+def tiny_model(tiny_config) -> GPT:
+    torch.manual_seed(0)
+    return GPT(tiny_config).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_model_dir(tmp_path_factory):
+    """A randomly initialised Hugging Face GPT2LMHeadModel saved to disk, with the real GPT-2 vocab size."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(1)
+    config = transformers.GPT2Config(
+        n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0
+    )
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # HF zero-inits biases and LayerNorms; randomise them so the parity test covers them
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    path = tmp_path_factory.mktemp("hf") / "tiny-gpt2"
+    model.save_pretrained(path)
+    return path
