@@ -46,3 +46,14 @@ def test_convert_hf_to_ours_and_export_back(tmp_path, hf_model_dir):
     with torch.no_grad():
         a, b = load_model(hf_model_dir)(idx)[0], load_model(tmp_path / "hf")(idx)[0]
     torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_every_command_has_help():
+    from gpt2forge.cli import COMMANDS
+
+    for command in ("sample", "convert", "export"):
+        assert command in COMMANDS
+        result = run_cli(command, "--help")
+        assert result.returncode == 0 and "usage: gpt2forge " + command in result.stdout
+    result = run_cli("frobnicate")
+    assert result.returncode == 2 and "unknown command 'frobnicate'" in result.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import codecs
 import sys
 from collections.abc import Callable
@@ -76,3 +77,35 @@ def print_samples(model: GPT, tokenizer: Tokenizer, prompt: str, num_samples: in
     for i, text in enumerate(texts):
         print(f"--- sample {i + 1}/{num_samples} ---\n{prompt}{text}")
     return texts
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint dir, run dir, Hugging Face dir, or hub name (online)")
+    parser.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
+    parser.add_argument("--num-samples", type=_positive_int, default=1)
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=100)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=_positive_int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, …")
+    parser.add_argument("--vocab-dir", help="folder with GPT-2's encoder.json + vocab.bpe (default: found automatically)")
+
+
+def run(args: argparse.Namespace) -> None:
+    from .device import pick_device
+    from .tokenizer import get_tokenizer
+    from .weights import load_model
+
+    if args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1):
+        raise UserError("--temperature must be ≥ 0 and --top-p in (0, 1]")
+    model = load_model(args.model, pick_device(args.device))
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    print_samples(model, get_tokenizer(args.vocab_dir), args.prompt, num_samples=args.num_samples, **options)

@@ -1,0 +1,1 @@
+"""Data: document sources, token shards, parallel preparation, and the exact-resume loader."""

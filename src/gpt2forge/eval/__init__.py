@@ -1,0 +1,1 @@
+"""Evaluation: validation loss, HellaSwag, and run reports."""
