@@ -1,0 +1,199 @@
+"""Which tokens every rank reads at every step, as a pure function of the seed and the global position.
+
+A shard of ``n`` tokens holds ``(n - 1) // T`` training sequences: sequence ``k`` is the input
+``tokens[kT : kT+T]`` with targets shifted by one. An epoch visits every sequence of every shard once. With
+shuffling, the shard order and the sequence order inside each shard are re-drawn each epoch from
+``(seed, epoch)`` — the public runs show a periodic loss pattern when FineWeb-Edu is read in the same order
+every epoch.
+
+The global batch of step ``s`` is the sequences ``s·G … s·G+G-1`` of this endless stream (``G`` = sequences
+per optimizer step), and micro-step ``m`` of rank ``r`` takes ``B`` of them at ``(m·W + r)·B``. So ranks read
+disjoint data, nothing is repeated or skipped within an epoch, resuming needs only the step, and the same
+global batch is the same token stream on one rank with accumulation or on many ranks without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from .shards import open_shard
+
+SPLITS = ("train", "val")
+
+
+def find_shards(data_dir: str | os.PathLike, split: str) -> list[Path]:
+    """The ``*_{split}_*.bin`` shards of a directory, in name order (llm.c's naming: ``fineweb_val_000000.bin``)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    directory = Path(data_dir)
+    if not directory.is_dir():
+        raise UserError(f"data directory {directory} does not exist; create it with `gpt2forge prepare --out {directory}`")
+    shards = sorted(directory.glob(f"*_{split}_*.bin"))
+    if not shards:
+        raise UserError(
+            f"no {split} shards (*_{split}_*.bin) in {directory}; create them with `gpt2forge prepare --out {directory}`"
+        )
+    return shards
+
+
+class ShardSequences:
+    """The sequences of a set of shards, memory-mapped: ``window(shard, k)`` is ``T + 1`` tokens."""
+
+    def __init__(self, shards: list[Path], seq_len: int) -> None:
+        self.paths = shards
+        self.seq_len = seq_len
+        self.tokens = [open_shard(p) for p in shards]
+        self.counts = np.array([(len(t) - 1) // seq_len if len(t) > seq_len else 0 for t in self.tokens], dtype=np.int64)
+        self.total = int(self.counts.sum())
+        if self.total == 0:
+            sizes = ", ".join(f"{p.name}: {len(t):,}" for p, t in zip(shards, self.tokens))
+            raise UserError(f"shards hold too few tokens for one sequence of {seq_len}+1 tokens ({sizes})")
+        listing = "\n".join(f"{p.name}:{len(t)}" for p, t in zip(shards, self.tokens))
+        self.fingerprint = hashlib.sha256(listing.encode()).hexdigest()[:16]
+
+    def window(self, shard: int, k: int) -> np.ndarray:
+        start = k * self.seq_len
+        return self.tokens[shard][start : start + self.seq_len + 1]
+
+
+class TokenLoader:
+    """Training batches for one rank, addressable by (step, micro-step) and resumable from a state dict."""
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        batch_size: int,
+        seq_len: int,
+        *,
+        split: str = "train",
+        rank: int = 0,
+        world_size: int = 1,
+        grad_accum: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.data_dir = Path(data_dir)
+        self.split = split
+        self.sequences = ShardSequences(find_shards(data_dir, split), seq_len)
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
+        self.seed, self.shuffle = seed, shuffle
+        self.sequences_per_step = batch_size * world_size * grad_accum
+        self.step, self.micro_step = 0, 0  # the next batch next_batch() returns
+        self._orders: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._permutations: dict[tuple[int, int], np.ndarray] = {}
+
+    @property
+    def sequences_per_epoch(self) -> int:
+        return self.sequences.total
+
+    def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(shard order, cumulative sequence counts in that order) of an epoch."""
+        if epoch not in self._orders:
+            n = len(self.sequences.counts)
+            order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            self._orders = {epoch: (order, np.cumsum(self.sequences.counts[order]))}  # one epoch at a time
+        return self._orders[epoch]
+
+    def _shard_permutation(self, epoch: int, shard: int) -> np.ndarray:
+        if (epoch, shard) not in self._permutations:
+            if len(self._permutations) >= 4:  # a batch spans at most a few shards: keep memory bounded
+                self._permutations.clear()
+            count = int(self.sequences.counts[shard])
+            self._permutations[epoch, shard] = np.random.default_rng([self.seed, epoch, shard]).permutation(count)
+        return self._permutations[epoch, shard]
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(shard, sequence within shard) of the ``index``-th sequence of the endless stream."""
+        epoch, i = divmod(index, self.sequences.total)
+        order, cumulative = self._epoch_order(epoch)
+        slot = int(np.searchsorted(cumulative, i, side="right"))
+        shard = int(order[slot])
+        k = i - (int(cumulative[slot - 1]) if slot else 0)
+        if self.shuffle:
+            k = int(self._shard_permutation(epoch, shard)[k])
+        return shard, k
+
+    def batch(self, step: int, micro_step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets [B, T] (int64) of this rank at ``(step, micro_step)``: a pure function."""
+        if not 0 <= micro_step < self.grad_accum:
+            raise ValueError(f"micro_step {micro_step} outside 0..{self.grad_accum - 1}")
+        first = step * self.sequences_per_step + (micro_step * self.world_size + self.rank) * self.batch_size
+        windows = np.stack([self.sequences.window(*self.locate(first + b)) for b in range(self.batch_size)])
+        windows = torch.from_numpy(windows.astype(np.int64))
+        return windows[:, :-1], windows[:, 1:]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch at the current position, then advance by one micro-step."""
+        x, y = self.batch(self.step, self.micro_step)
+        self.micro_step += 1
+        if self.micro_step == self.grad_accum:
+            self.step, self.micro_step = self.step + 1, 0
+        return x, y
+
+    def epoch_of(self, step: int) -> float:
+        return step * self.sequences_per_step / self.sequences.total
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "micro_step": self.micro_step,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "seq_len": self.seq_len,
+            "sequences_per_step": self.sequences_per_step,
+            "world_size": self.world_size,
+            "data_fingerprint": self.sequences.fingerprint,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the position, refusing a state that was recorded for other data, seed or batch layout."""
+        mine = self.state_dict()
+        problems = [
+            f"{key}: checkpoint {state.get(key)!r}, now {mine[key]!r}"
+            for key in ("seed", "shuffle", "seq_len", "sequences_per_step", "world_size", "data_fingerprint")
+            if state.get(key) != mine[key]
+        ]
+        if problems:
+            raise UserError(
+                "the checkpoint's data position does not fit this run (" + "; ".join(problems) + "). Resume with the "
+                "same data directory, seed, sequence length, world size and batch layout, or start a new run"
+            )
+        self.step, self.micro_step = int(state["step"]), int(state["micro_step"])
+
+
+def val_batches(
+    data_dir: str | os.PathLike,
+    batch_size: int,
+    seq_len: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    max_tokens: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's share of the validation batches, in order: full [B, T] batches only (fixed shapes keep
+    compiled models from recompiling), global batch ``j`` on rank ``j % world_size``; ``max_tokens`` caps the
+    total over all ranks."""
+    sequences = ShardSequences(find_shards(data_dir, "val"), seq_len)
+    n_batches = sequences.total // batch_size
+    if max_tokens is not None:
+        n_batches = min(n_batches, max_tokens // (batch_size * seq_len))
+    if n_batches == 0:
+        raise UserError(
+            f"the val shards in {data_dir} hold {sequences.total} sequences of {seq_len} tokens; one batch needs "
+            f"{batch_size} (lower the batch size{' or raise the val token budget' if max_tokens else ''})"
+        )
+    flat = [(s, k) for s, count in enumerate(sequences.counts) for k in range(int(count))]
+    for j in range(rank, n_batches, world_size):
+        windows = np.stack([sequences.window(*flat[j * batch_size + b]) for b in range(batch_size)])
+        windows = torch.from_numpy(windows.astype(np.int64))
+        yield windows[:, :-1], windows[:, 1:]
