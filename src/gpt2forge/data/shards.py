@@ -3,12 +3,19 @@
 Layout: a header of 256 little-endian int32 (``[0]`` magic 20240520, ``[1]`` version 1, ``[2]`` token count,
 the rest zero), then the tokens as little-endian uint16. Shards therefore interoperate with llm.c's tools and
 with the pre-tokenized FineWeb shards those projects publish.
+
+A prepared directory holds shards named like llm.c's, ``<prefix>_<split>_<index:06d>.bin``
+(``fineweb-edu_val_000000.bin``, ``fineweb-edu_train_000001.bin``, …): readers select a split by the
+``_val_`` / ``_train_`` in the name. Beside them, ``manifest.json`` records how they were made and each shard's
+token count and sha256 (see ``gpt2forge.data.prepare``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +27,8 @@ VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 TOKEN_DTYPE = np.dtype("<u2")
+MANIFEST_NAME = "manifest.json"
+SHARD_NAME = re.compile(r"^(?P<prefix>.+)_(?P<split>val|train)_(?P<index>\d{6})\.bin$")
 
 
 class ShardError(UserError):
@@ -36,6 +45,35 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def shard_name(prefix: str, split: str, index: int) -> str:
+    """The llm.c-style file name of shard ``index`` (indices run on across splits: val 0, train 1, 2, …)."""
+    return f"{prefix}_{split}_{index:06d}.bin"
+
+
+def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
+    """Replace ``path`` with ``data`` as JSON so that readers only ever see the old or the new whole file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def read_manifest(directory: str | os.PathLike) -> dict | None:
+    """The ``manifest.json`` of a prepared directory, or None where there is none."""
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ShardError(f"{path} is not valid JSON ({e}): corrupted? `gpt2forge prepare --overwrite` rebuilds it") from None
 
 
 def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> str:
