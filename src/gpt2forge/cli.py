@@ -30,7 +30,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"gpt2forge {command}", description=help_text)
     module = importlib.import_module(module_name)
     module.add_arguments(parser)
-    parser.set_defaults(run=module.run)
+    parser.set_defaults(run=module.run, accepts_overrides=getattr(module, "ACCEPTS_OVERRIDES", False))
     return parser
 
 
@@ -50,8 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"gpt2forge: unknown command {command!r}\n\n{top_level_help()}", file=sys.stderr)
         return 2
-    args = build_parser(command).parse_args(rest)
-    args.command = command
+    parser = build_parser(command)
+    args, extra = parser.parse_known_args(rest)
+    if extra and not args.accepts_overrides:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.command, args.overrides = command, extra
     try:
         args.run(args)
     except UserError as e:

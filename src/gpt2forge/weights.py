@@ -25,12 +25,16 @@ CONFIG_KEY = "gpt2forge.model_config"
 LATEST = "latest"  # file in a run directory naming its newest complete checkpoint
 
 
-def save_model(model: GPT, directory: str | os.PathLike) -> Path:
-    """Write ``model``'s weights and config to ``directory/model.safetensors`` (tied lm_head stored once)."""
+def save_weights(state: dict[str, torch.Tensor], config: GPTConfig, directory: str | os.PathLike) -> Path:
+    """Write a GPT state dict and its config to ``directory/model.safetensors`` (tied lm_head stored once)."""
     path = Path(directory) / MODEL_FILE
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    save_file(state, path, metadata={"format": "pt", CONFIG_KEY: json.dumps(model.config.to_dict())})
+    tensors = {k: v.detach().contiguous() for k, v in state.items() if k != "lm_head.weight"}
+    save_file(tensors, path, metadata={"format": "pt", CONFIG_KEY: json.dumps(config.to_dict())})
     return path
+
+
+def save_model(model: GPT, directory: str | os.PathLike) -> Path:
+    return save_weights(model.state_dict(), model.config, directory)
 
 
 def read_model_config(path: Path) -> GPTConfig | None:

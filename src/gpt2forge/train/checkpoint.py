@@ -1,0 +1,151 @@
+"""Training checkpoints: named pieces, written atomically, the newest K kept.
+
+``RUN_DIR/step-000123/`` holds
+
+- ``model.safetensors``: the weights, with the model config in the metadata (loads on its own for sampling),
+- ``optimizer.pt``: the AdamW state (tensors and numbers only: loads with ``weights_only=True``),
+- ``train_state.json``: step, tokens seen, loader position, world size, elapsed time,
+- ``rng.pt``: the torch RNG states of every rank,
+- ``config.toml``: the resolved run config.
+
+The directory is written as ``step-000123.tmp``, every file fsynced, then renamed: a directory without the
+suffix is complete by construction, and a crash mid-save leaves the previous checkpoint untouched. The run
+directory's ``latest`` file is then replaced atomically, and only after that are old checkpoints pruned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..data.shards import fsync_dir
+from ..errors import UserError
+from ..model import GPTConfig
+from ..weights import LATEST, MODEL_FILE, save_weights
+
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
+PIECES = (MODEL_FILE, "optimizer.pt", "train_state.json", "rng.pt", "config.toml")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoint directories of a run, oldest first."""
+    if not run_dir.is_dir():
+        return []
+    found = [p for p in run_dir.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
+    return sorted((p for p in found if all((p / piece).is_file() for piece in PIECES)), key=lambda p: p.name)
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in directory.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    fsync_dir(directory)
+
+
+def write_atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+@dataclass
+class Checkpoint:
+    """The pieces of a training checkpoint, in memory."""
+
+    model_state: dict  # full (unsharded) state dict of the GPT
+    model_config: GPTConfig
+    optimizer_state: dict
+    train_state: dict
+    rng_states: list[dict]
+    config_toml: str
+
+
+def save_checkpoint(run_dir: Path, step: int, ckpt: Checkpoint, keep_last: int) -> Path:
+    """Write ``ckpt`` as ``run_dir/step-NNNNNN`` atomically, point ``latest`` at it, prune beyond ``keep_last``."""
+    final = run_dir / step_dir_name(step)
+    tmp = run_dir / (final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_weights(ckpt.model_state, ckpt.model_config, tmp)
+    torch.save(ckpt.optimizer_state, tmp / "optimizer.pt")
+    torch.save({"ranks": ckpt.rng_states}, tmp / "rng.pt")
+    (tmp / "train_state.json").write_text(json.dumps(ckpt.train_state, indent=2) + "\n")
+    (tmp / "config.toml").write_text(ckpt.config_toml)
+    _fsync_tree(tmp)
+    if final.exists():  # re-saving the same step (e.g. a stop signal right after a periodic save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(run_dir)
+    write_atomic_text(run_dir / LATEST, final.name + "\n")
+    for old in complete_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Delete half-written ``step-*.tmp`` directories left by a crash during a save."""
+    if run_dir.is_dir():
+        for tmp in run_dir.glob("step-*.tmp"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def find_resume_checkpoint(run_dir: Path, resume: str) -> Path | None:
+    """The checkpoint to resume from: ``auto`` = the newest complete one of ``run_dir`` (None if there is none),
+    otherwise the given checkpoint or run directory."""
+    if resume == "auto":
+        complete = complete_checkpoints(run_dir)
+        return complete[-1] if complete else None
+    path = Path(resume)
+    if (path / LATEST).is_file() or complete_checkpoints(path):
+        complete = complete_checkpoints(path)
+        if not complete:
+            raise UserError(f"--resume {path}: the run directory has no complete checkpoint")
+        return complete[-1]
+    if not path.is_dir():
+        raise UserError(f"--resume {path}: no such checkpoint or run directory")
+    missing = [piece for piece in PIECES if not (path / piece).is_file()]
+    if missing:
+        raise UserError(f"--resume {path}: not a complete checkpoint (missing {', '.join(missing)})")
+    return path
+
+
+def read_train_state(checkpoint: Path) -> dict:
+    try:
+        return json.loads((checkpoint / "train_state.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{checkpoint / 'train_state.json'}: unreadable ({e})") from None
+
+
+def read_optimizer_state(checkpoint: Path, map_location) -> dict:
+    return torch.load(checkpoint / "optimizer.pt", map_location=map_location, weights_only=True)
+
+
+def read_rng_states(checkpoint: Path) -> list[dict]:
+    return torch.load(checkpoint / "rng.pt", weights_only=True)["ranks"]
+
+
+def capture_rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,229 @@
+"""The training loop: exact resume, fault handling, checkpoint retention, distributed equivalence, bad input."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from gpt2forge.config import load_config
+from gpt2forge.data.shards import write_shard
+from gpt2forge.errors import UserError
+from gpt2forge.model import GPT
+from gpt2forge.train import checkpoint as ckpt
+from gpt2forge.train.trainer import TrainingStopped, train
+
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Synthetic shards with learnable structure (a noisy repeating pattern) over a 512-token vocabulary."""
+    directory = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    pattern = rng.integers(0, VOCAB, 97)
+    for i, n in enumerate([4000, 20000, 20000]):
+        tokens = np.resize(pattern, n)
+        noise = rng.random(n) < 0.2
+        tokens[noise] = rng.integers(0, VOCAB, noise.sum())
+        split = "val" if i == 0 else "train"
+        write_shard(directory / f"synthetic_{split}_{i:06d}.bin", tokens.astype(np.uint16))
+    return directory
+
+
+def tiny_overrides(data_dir, out_dir, **extra):
+    """A model and batch small enough for many steps a second on a CPU; 2 accumulation micro-steps."""
+    settings = {
+        "model.preset": "tiny", "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32, "model.block_size": 32,
+        "model.vocab_size": VOCAB, "model.vocab_multiple": 64,
+        "data.dir": data_dir, "log.out_dir": out_dir, "log.run_name": "run",
+        "train.max_steps": 8, "train.micro_batch_size": 4, "train.seq_len": 32, "train.total_batch_tokens": 256,
+        "train.device": "cpu", "train.precision": "fp32", "train.compile": False,
+        "optim.lr": 1e-2, "optim.warmup_steps": 2, "optim.min_lr": 1e-3, "optim.decay_steps": 8,  # schedule independent of max_steps
+        "eval.val_every": 4, "eval.val_tokens": 512, "eval.hellaswag_every": 0, "eval.sample_every": 0,
+        "checkpoint.every": 4, "checkpoint.keep_last": 2, "log.every": 1,
+    }
+    settings.update(extra)
+    return [f"--{k}={v}" for k, v in settings.items()]
+
+
+def config(data_dir, out_dir, **extra):
+    return load_config(None, tiny_overrides(data_dir, out_dir, **extra))
+
+
+def metric_losses(run_dir):
+    with open(run_dir / "metrics.csv") as f:
+        return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f) if r["loss"]}
+
+
+def test_resumed_run_is_bit_identical(data_dir, tmp_path):
+    full = train(config(data_dir, tmp_path / "a", **{"train.max_steps": 8}))
+    assert len(full.losses) == 8 and full.losses[8] < full.losses[1]  # it learns
+    first = train(config(data_dir, tmp_path / "b", **{"train.max_steps": 4}))
+    assert first.step == 4
+    resumed = train(config(data_dir, tmp_path / "b", **{"train.max_steps": 8}), resume="auto")
+    assert resumed.losses == {s: full.losses[s] for s in range(5, 9)}  # exact float equality
+    assert metric_losses(full.run_dir) == metric_losses(resumed.run_dir)  # one history, no duplicates
+
+
+def test_checkpoints_are_complete_and_only_the_last_k_kept(data_dir, tmp_path):
+    result = train(config(data_dir, tmp_path, **{"checkpoint.every": 1, "checkpoint.keep_last": 3}))
+    kept = ckpt.complete_checkpoints(result.run_dir)
+    assert [p.name for p in kept] == ["step-000006", "step-000007", "step-000008"]
+    assert (result.run_dir / "latest").read_text().strip() == "step-000008"
+    assert not list(result.run_dir.glob("*.tmp"))
+    for piece in ckpt.PIECES:
+        assert (kept[-1] / piece).is_file()
+    for name in ("config.toml", "run.json", "metrics.csv", "train.log"):
+        assert (result.run_dir / name).is_file()
+
+
+def test_existing_run_needs_resume_and_resume_needs_same_architecture(data_dir, tmp_path):
+    train(config(data_dir, tmp_path, **{"train.max_steps": 4}))
+    with pytest.raises(UserError, match="already has checkpoints .*pass --resume"):
+        train(config(data_dir, tmp_path, **{"train.max_steps": 4}))
+    with pytest.raises(UserError, match="different architecture"):
+        train(config(data_dir, tmp_path, **{"train.max_steps": 8, "model.n_layer": 3}), resume="auto")
+    with pytest.raises(UserError, match="sequences_per_step: checkpoint 8, now 16"):
+        train(config(data_dir, tmp_path, **{"train.max_steps": 8, "train.total_batch_tokens": 512}), resume="auto")
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(data_dir, tmp_path, monkeypatch):
+    real_forward = GPT.forward
+    calls = {"n": 0}
+    poisoned_steps = set(range(3, 20))  # optimizer steps (1-based) whose loss is NaN: 3 onwards
+
+    def forward(self, idx, targets=None, cache=None):
+        logits, loss = real_forward(self, idx, targets, cache)
+        if targets is not None and torch.is_grad_enabled():
+            calls["n"] += 1
+            if (calls["n"] - 1) // 2 + 1 in poisoned_steps:  # 2 micro-steps per step
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", forward)
+    snapshots = {}
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *a, **k):
+        snapshots["last_update"] = calls["n"]
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    cfg = config(data_dir, tmp_path, **{"train.max_bad_steps": 3, "eval.val_every": 0})
+    with pytest.raises(TrainingStopped, match="3 consecutive steps had a non-finite loss .* step 5"):
+        train(cfg)
+    assert snapshots["last_update"] == 4  # the optimizer ran for steps 1-2 only (micro-calls 1-4)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert [r["loss"] for r in rows if r["step"] in ("3", "4", "5")] == ["nan"] * 3
+
+
+def test_a_skipped_step_leaves_the_weights_unchanged(data_dir, tmp_path, monkeypatch):
+    from gpt2forge.train.trainer import Trainer
+
+    trainer = Trainer(config(data_dir, tmp_path, **{"eval.val_every": 0}))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    real_forward = GPT.forward
+    monkeypatch.setattr(GPT, "forward", lambda self, idx, targets=None, cache=None: (
+        real_forward(self, idx, targets, cache)[0], real_forward(self, idx, targets, cache)[1] * float("inf")))
+    out = trainer.train_step()
+    trainer.close()
+    assert not out["finite"] and trainer.bad_steps == 1
+    assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
+    assert trainer.optimizer.state == {} or all(len(s) == 0 for s in trainer.optimizer.state.values())
+
+
+def run_cli(args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "gpt2forge.cli", *args], capture_output=True, text=True, **kwargs)
+
+
+def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
+    args = ["train", *tiny_overrides(data_dir, tmp_path, **{"train.max_steps": 100000, "checkpoint.every": 0, "eval.val_every": 0})]
+    proc = subprocess.Popen([sys.executable, "-m", "gpt2forge.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "run" / "metrics.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 4):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "SIGTERM received" in out and "stopped at step" in out
+    saved = ckpt.complete_checkpoints(tmp_path / "run")
+    assert len(saved) == 1
+    stopped_at = int(saved[0].name.split("-")[1])
+    assert stopped_at >= 3 and max(metric_losses(tmp_path / "run")) == stopped_at
+
+
+KILL_DURING_SAVE = textwrap.dedent("""
+    import os, signal, sys
+    import torch
+    from gpt2forge.train import checkpoint
+    real_save, count = torch.save, [0]
+    def save(obj, path, *a, **k):
+        count[0] += 1
+        if count[0] == 3:  # the second checkpoint: its optimizer.pt is written, then we die mid-save
+            real_save(obj, path, *a, **k)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_save(obj, path, *a, **k)
+    checkpoint.torch.save = save
+    from gpt2forge.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_kill_during_save_leaves_previous_checkpoint_usable(data_dir, tmp_path):
+    args = ["train", *tiny_overrides(data_dir, tmp_path / "killed", **{"checkpoint.every": 2, "eval.val_every": 0})]
+    killed = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, *args], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL
+    run_dir = tmp_path / "killed" / "run"
+    assert [p.name for p in ckpt.complete_checkpoints(run_dir)] == ["step-000002"]
+    assert (run_dir / "step-000004.tmp").is_dir()  # the half-written one
+    assert (run_dir / "latest").read_text().strip() == "step-000002"
+    resumed = train(config(data_dir, tmp_path / "killed", **{"checkpoint.every": 2, "eval.val_every": 0}), resume="auto")
+    assert not (run_dir / "step-000004.tmp").exists()
+    full = train(config(data_dir, tmp_path / "clean", **{"checkpoint.every": 2, "eval.val_every": 0}))
+    assert resumed.losses == {s: full.losses[s] for s in range(3, 9)}
+
+
+def torchrun(args, nproc=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "gpt2forge.cli", *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_two_process_ddp_matches_one_process_with_accumulation_and_resumes_exactly(data_dir, tmp_path):
+    common = {"eval.val_every": 4, "checkpoint.every": 4}
+    # 1 process: micro-batch 4, 2 accumulation steps. 2 processes: micro-batch 4 each, no accumulation.
+    single = train(config(data_dir, tmp_path / "single", **common))
+    torchrun(["train", *tiny_overrides(data_dir, tmp_path / "ddp", **common)])
+    ddp = metric_losses(tmp_path / "ddp" / "run")
+    assert ddp.keys() == single.losses.keys()
+    for step, loss in single.losses.items():
+        assert ddp[step] == pytest.approx(loss, rel=1e-5, abs=1e-6)
+    # 2-process resume: 4 steps, then resume to 8: bit-identical to the uninterrupted 2-process run
+    torchrun(["train", *tiny_overrides(data_dir, tmp_path / "ddp2", **{**common, "train.max_steps": 4})])
+    torchrun(["train", "--resume", *tiny_overrides(data_dir, tmp_path / "ddp2", **common)])
+    assert metric_losses(tmp_path / "ddp2" / "run") == ddp
+
+
+def test_resume_with_another_world_size_is_refused(data_dir, tmp_path):
+    torchrun(["train", *tiny_overrides(data_dir, tmp_path, **{"train.max_steps": 4, "eval.val_every": 0})])
+    with pytest.raises(UserError, match="saved by 2 rank\\(s\\); this run has 1"):
+        train(config(data_dir, tmp_path, **{"eval.val_every": 0}), resume="auto")
+
+
+def test_data_dir_without_shards_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = run_cli(["train", *tiny_overrides(tmp_path / "empty", tmp_path)])
+    assert result.returncode == 2 and "no train shards" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli(["train", "--config", "quickstart", "--optim.lr=fast"])
+    assert result.returncode == 2 and "optim.lr: cannot read 'fast' as float" in result.stderr
