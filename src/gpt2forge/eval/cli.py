@@ -165,8 +165,9 @@ def run(args: argparse.Namespace) -> dict:
             torch.distributed.destroy_process_group()
 
 
-def _val_loss(model, args, device, autocast, rank, world_size) -> dict:
+def _val_loss(model, args, device: str, autocast, rank: int, world_size: int) -> dict:
     from ..data.loader import find_shards, val_batches
+    from .loss import evaluate_loss
 
     seq_len = args.seq_len or model.config.block_size
     if seq_len > model.config.block_size:
