@@ -71,10 +71,16 @@ def checkpoint_of(model_path: str) -> Path | None:
     return directory if weights.is_file() and read_model_config(weights) is not None else None
 
 
-def step_of(checkpoint: Path | None) -> int | None:
-    """The training step of a ``step-NNNNNN`` checkpoint directory, when its name says so."""
-    match = re.fullmatch(r"step-(\d+)", checkpoint.name) if checkpoint else None
-    return int(match.group(1)) if match else None
+def training_position(checkpoint: Path | None) -> tuple[int | None, int | None]:
+    """(step, tokens seen) of a checkpoint: from its ``train_state.json``, else the step from a ``step-N`` name."""
+    if checkpoint is None:
+        return None, None
+    try:
+        state = json.loads((checkpoint / "train_state.json").read_text())
+        return int(state["step"]), int(state["tokens"]) if "tokens" in state else None
+    except (OSError, ValueError, KeyError, TypeError):
+        match = re.fullmatch(r"step-(\d+)", checkpoint.name)
+        return (int(match.group(1)) if match else None), None
 
 
 def _versions() -> dict:
@@ -131,10 +137,12 @@ def run(args: argparse.Namespace) -> dict:
         checkpoint = checkpoint_of(args.model)
         model = load_model(args.model, device)
         autocast = torch.bfloat16 if args.dtype == "bf16" else None
+        step, tokens = training_position(checkpoint)
         results = {
             "model": str(args.model),
             "checkpoint": str(checkpoint) if checkpoint else None,
-            "step": step_of(checkpoint),
+            "step": step,
+            "tokens_seen": tokens,
             "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "device": device_name(device),
             "dtype": args.dtype,
