@@ -267,9 +267,11 @@ def test_verify_reports_corrupted_truncated_and_unlisted_shards(tmp_path, parque
     assert "3 problem(s)" in captured.err
 
     (out / "manifest.json").unlink()  # without a manifest: headers and sizes only
+    (out / "fw_train_000100.bin").write_bytes(b"\0" * 2048)
     assert main(["prepare", "--verify", str(out)]) == 2
     captured = capsys.readouterr().out
     assert "headers and sizes only" in captured and "truncated" in captured and "sha256" not in captured
+    assert "magic 0, expected 20240520" in captured and f"OK    {names[1]}" in captured
 
 
 def test_bad_input_is_one_clear_message_naming_the_file(tmp_path, parquet_dir, capsys):
@@ -295,6 +297,20 @@ def test_bad_input_is_one_clear_message_naming_the_file(tmp_path, parquet_dir, c
     _write_jsonl(tmp_path / "mix.jsonl", ["x"])
     assert "mixes formats (json, text)" in error("--files", str(tmp_path / "mix.jsonl"), str(tmp_path / "bad.txt"))
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())  # nothing half-made
+
+
+def test_settings_that_cannot_work_are_refused_before_anything_is_written(tmp_path, parquet_dir, monkeypatch):
+    source = FileSource([str(parquet_dir)])
+    with pytest.raises(UserError, match="--prefix 'a_val_b'"):
+        prepare(source, tmp_path / "out", prefix="a_val_b", progress=False)
+
+    class HugeVocab:
+        n_vocab = 100_000
+
+    monkeypatch.setattr(prepare_module, "get_tokenizer", lambda vocab_dir=None: HugeVocab())
+    with pytest.raises(UserError, match="100,000 tokens does not fit uint16"):
+        prepare(source, tmp_path / "out", progress=False)
+    assert not list((tmp_path / "out").iterdir())
 
 
 def test_cli_errors_leave_no_traceback_and_help_is_fast(tmp_path):

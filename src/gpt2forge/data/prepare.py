@@ -59,7 +59,7 @@ from .sources import TXT_UNITS, DocBatch, EmbeddedSource, FileSource, HubSource,
 
 DEFAULT_DATASET, DEFAULT_CONFIG = "HuggingFaceFW/fineweb-edu", "sample-10BT"
 DEFAULT_SHARD_SIZE = 100_000_000
-EMBEDDED_SHARD_SIZE, EMBEDDED_VAL_TOKENS = 1_000_000, 250_000  # the embedded corpus is ~5M tokens
+EMBEDDED_SHARD_SIZE, EMBEDDED_VAL_TOKENS = 1_000_000, 250_000  # the embedded corpus is ~6M tokens
 TASK_CHARS = 1 << 18  # text per worker task: big enough to amortise IPC, small enough to keep workers busy
 EOT_PLACEMENT = "after each document"
 MANIFEST_FORMAT = "gpt2forge token shards"
@@ -231,7 +231,7 @@ class ShardCutter:
             pos, self.start = self.start["token"], None
         while pos < len(tokens) and not self.done:
             if self.buffer is None:
-                split, capacity = self.settings.shard_plan(self.index)
+                _, capacity = self.settings.shard_plan(self.index)
                 self.buffer = np.empty(capacity if self.budget is None else min(capacity, self.budget), TOKEN_DTYPE)
             n = min(len(self.buffer) - self.filled, len(tokens) - pos)
             self.buffer[self.filled : self.filled + n] = tokens[pos : pos + n]
@@ -421,6 +421,8 @@ def prepare(
     """Tokenize ``source`` into shards in ``out`` (resuming what is there) and return the manifest."""
     out = Path(out)
     workers = workers or default_workers()
+    if not prefix or any(bad in prefix for bad in ("/", os.sep, "_val_", "_train_")):
+        raise UserError(f"--prefix {prefix!r} must be a plain file name part without '_val_' or '_train_'")
     settings = Settings(
         source=source.describe(),
         text_column=text_column,
@@ -582,7 +584,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--files", nargs="+", metavar="PATH",
                         help="local .parquet / .jsonl / .json / .txt files, globs or directories (one format)")
     source.add_argument("--embedded", action="store_true",
-                        help="the corpus shipped with Python (pydoc topics + stdlib source, ~5M tokens), offline")
+                        help="the corpus shipped with Python (pydoc topics + stdlib source, ~6M tokens), offline")
     parser.add_argument("--config", help=f"hub dataset config (default {DEFAULT_CONFIG} for {DEFAULT_DATASET})")
     parser.add_argument("--split", default="train", help="hub dataset split (default train)")
     parser.add_argument("--revision", help="hub dataset revision (branch, tag or commit) to pin")
@@ -632,9 +634,7 @@ def run(args: argparse.Namespace) -> None:
         raise UserError("--workers, --shard-size and --max-tokens must be at least 1")
     source, prefix = source_from_args(args)
     shard_size = args.shard_size or (EMBEDDED_SHARD_SIZE if args.embedded else DEFAULT_SHARD_SIZE)
-    val_tokens = args.val_tokens
-    if val_tokens is None and args.embedded and args.shard_size is None:
-        val_tokens = EMBEDDED_VAL_TOKENS
+    val_tokens = EMBEDDED_VAL_TOKENS if args.val_tokens is None and args.embedded else args.val_tokens
     prepare(
         source,
         args.out,

@@ -11,7 +11,7 @@ manifest, so a resumed run can start reading at a recorded row instead of re-tok
   that every error names its file and resuming skips whole parquet files by their row counts. A text file is
   one document by default (``txt_unit="paragraph"`` splits at blank lines, ``"line"`` at newlines).
 - **Embedded**: CPython's ``pydoc_data.topics`` (the English reference pages behind ``help()``) and the source
-  of the standard library's Python modules (code, docstrings, comments): about 5M GPT-2 tokens that need no
+  of the standard library's Python modules (code, docstrings, comments): about 6M GPT-2 tokens that need no
   download, for the quickstart and the tests. The documents are ordered by a hash of their names, so the
   validation shard (the first tokens) mixes prose and code like the rest.
 """

@@ -1,0 +1,248 @@
+"""Tokenization throughput of ``gpt2forge prepare`` against the usual public recipe and against the hardware limit.
+
+On the same documents (the embedded corpus cut into FineWeb-sized documents, written as one FineWeb-Edu-layout
+parquet file), this measures tokens/s for:
+
+- **baseline**: the common ``fineweb.py`` recipe, ``multiprocessing.Pool(N).imap(tokenize_one_doc, docs,
+  chunksize=16)`` where ``tokenize_one_doc`` is ``np.array([eot] + enc.encode_ordinary(text)).astype(np.uint16)``,
+  the main process copying results into a shard buffer and writing full shards. Its documents come from a Python
+  list already in memory, so reading costs it nothing (in our favour would be the other way round);
+- **ours**: ``gpt2forge.data.prepare.prepare`` end to end, with 1 and N workers: parquet read through
+  ``datasets``, tokenized, written as shards (fsynced) with the manifest into a temporary directory;
+- **limit**: bare ``Encoding.encode_ordinary_batch(docs, num_threads=1)`` in one process pinned to each core in
+  turn, summed over the cores: what N cores can do with no I/O, IPC or assembly at all. Our workers call
+  ``encode_to_numpy`` instead (no Python int lists), which is faster, so **limit_numpy** (the same with it) is
+  the stricter ceiling for our pipeline.
+
+The machine may be shared, so each measurement is repeated (round-robin) and the best run counts; the median
+and the load average are recorded too. Usage: ``python benchmarks/bench_prepare.py [--repeats 5]`` (~1 minute
+on 2 cores); ``run_prepare_benchmark()`` returns the same results as a dict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+
+from gpt2forge.data.prepare import TOKEN_DTYPE, prepare
+from gpt2forge.data.shards import open_shard, write_shard
+from gpt2forge.data.sources import FileSource, embedded_documents
+from gpt2forge.tokenizer import EOT_TOKEN, get_tokenizer
+
+RESULTS = Path(__file__).parent / "results"
+DOC_CHARS = 2_000  # the embedded corpus (mostly code) has ~1.9 characters per token: ~1,000-token documents
+SHARD_SIZE = 1_000_000
+
+
+def benchmark_documents(doc_chars: int = DOC_CHARS) -> list[str]:
+    """The embedded corpus cut at blank lines into documents of about ``doc_chars`` characters."""
+    docs = []
+    for text in embedded_documents():
+        current = ""
+        for paragraph in text.split("\n\n"):
+            current += paragraph + "\n\n"
+            if len(current) >= doc_chars:
+                docs.append(current)
+                current = ""
+        if current.strip():
+            docs.append(current)
+    return docs
+
+
+def write_parquet(docs: list[str], path: Path) -> Path:
+    """The documents in FineWeb-Edu's column layout (the metadata columns are read too, as on the real data)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = len(docs)
+    table = pa.table({
+        "text": docs, "id": [f"<urn:uuid:{i}>" for i in range(n)], "dump": ["CC-MAIN-2024-10"] * n,
+        "url": [f"https://example.org/{i}" for i in range(n)], "file_path": ["s3://x.warc.gz"] * n,
+        "language": ["en"] * n, "language_score": [0.9] * n, "token_count": [len(d) // 2 for d in docs],
+        "score": [3.1] * n, "int_score": [3] * n,
+    })
+    pq.write_table(table, path, row_group_size=1000)
+    return path
+
+
+# ---------------------------------------------------------------- the baseline, as fineweb.py does it
+
+def tokenize_one_doc(text: str) -> np.ndarray:
+    return np.array([EOT_TOKEN] + get_tokenizer().encoding.encode_ordinary(text)).astype(np.uint16)
+
+
+def run_baseline(docs: list[str], out: Path, workers: int) -> np.ndarray:
+    """fineweb.py's loop: per-document imap, results copied into a shard buffer, full shards written."""
+    buffer, filled, index = np.empty(SHARD_SIZE, dtype=TOKEN_DTYPE), 0, 0
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        for tokens in pool.imap(tokenize_one_doc, docs, chunksize=16):
+            while len(tokens):
+                n = min(SHARD_SIZE - filled, len(tokens))
+                buffer[filled : filled + n] = tokens[:n]
+                filled, tokens = filled + n, tokens[n:]
+                if filled == SHARD_SIZE:
+                    write_shard(out / f"base_train_{index:06d}.bin", buffer)
+                    filled, index = 0, index + 1
+    if filled:
+        write_shard(out / f"base_train_{index:06d}.bin", buffer[:filled])
+    return np.concatenate([open_shard(p) for p in sorted(out.glob("base_*.bin"))])
+
+
+# ---------------------------------------------------------------- the limit: bare encoding, one core at a time
+
+def _encode_on_core(core: int, docs: list[str], method: str, result) -> None:
+    os.sched_setaffinity(0, {core})
+    encoding = get_tokenizer().encoding
+    start = time.perf_counter()
+    if method == "encode_ordinary_batch":
+        tokens = sum(map(len, encoding.encode_ordinary_batch(docs, num_threads=1)))
+    else:  # what our workers call
+        tokens = sum(len(encoding.encode_to_numpy(d, disallowed_special=())) for d in docs)
+    result.send((tokens, time.perf_counter() - start))
+
+
+def limit_per_core(docs: list[str], method: str = "encode_ordinary_batch") -> dict[int, float]:
+    """Tokens/s of bare encoding in a process pinned to each available core, one core at a time."""
+    context = multiprocessing.get_context("fork")
+    rates = {}
+    for core in sorted(os.sched_getaffinity(0)):
+        receive, send = context.Pipe(duplex=False)
+        process = context.Process(target=_encode_on_core, args=(core, docs, method, send))
+        process.start()
+        tokens, seconds = receive.recv()
+        process.join()
+        rates[core] = tokens / seconds
+    return rates
+
+
+# ---------------------------------------------------------------- the benchmark
+
+def _timed(function, *args, **kwargs) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = function(*args, **kwargs)
+    return time.perf_counter() - start, result
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_prepare_benchmark(repeats: int = 5, workers: int | None = None, doc_chars: int = DOC_CHARS) -> dict:
+    """Measure baseline, ours (1 and ``workers`` processes) and the limit; return the results as a dict."""
+    cores = len(os.sched_getaffinity(0))
+    workers = workers or cores
+    get_tokenizer()  # built once, inherited by every forked process
+    docs = benchmark_documents(doc_chars)
+    runs: dict[str, list[float]] = {"baseline": [], "ours_1": [], f"ours_{workers}": [], "limit": [], "limit_numpy": []}
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="bench-prepare-") as tmp:
+        tmp = Path(tmp)
+        parquet = write_parquet(docs, tmp / "docs.parquet")
+        write_parquet(docs[:100], tmp / "warmup.parquet")  # imports and first-call costs, outside the timings
+        prepare(FileSource([str(tmp / "warmup.parquet")]), tmp / "warmup", val_tokens=0, workers=workers, progress=False)
+        total = None
+        for repeat in range(repeats):
+            out = tmp / f"baseline-{repeat}"
+            out.mkdir()
+            seconds, baseline_tokens = _timed(run_baseline, docs, out, workers)
+            total = len(baseline_tokens)
+            runs["baseline"].append(total / seconds)
+            for w in dict.fromkeys((1, workers)):
+                out = tmp / f"ours-{w}-{repeat}"
+                seconds, _ = _timed(prepare, FileSource([str(parquet)]), out, shard_size=SHARD_SIZE, val_tokens=0,
+                                    workers=w, progress=False)
+                ours = np.concatenate([open_shard(p) for p in sorted(out.glob("*_train_*.bin"))])
+                # baseline: EOT before each document; ours: after. Same tokens otherwise.
+                assert np.array_equal(ours[:-1], baseline_tokens[1:]) and ours[-1] == EOT_TOKEN, "outputs differ"
+                runs[f"ours_{w}"].append(len(ours) / seconds)
+            runs["limit"].append(sum(limit_per_core(docs).values()))
+            runs["limit_numpy"].append(sum(limit_per_core(docs, "encode_to_numpy").values()))
+    best = {name: max(values) for name, values in runs.items()}
+    ours = best[f"ours_{workers}"]
+    return {
+        "benchmark": "prepare tokenization throughput (tokens/s, best of repeats)",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]) if sys.argv[0] else "run_prepare_benchmark()",
+        "hardware": {"cpu": _cpu_model(), "cores_available": cores, "logical_cpus": os.cpu_count(),
+                     "load_average_before": load_before, "load_average_after": os.getloadavg()},
+        "versions": {"python": platform.python_version(),
+                     **{p: version(p) for p in ("gpt2forge", "tiktoken", "numpy", "datasets", "pyarrow")}},
+        "text": {"source": "embedded corpus (pydoc topics + stdlib source) cut into ~%d-char documents" % doc_chars,
+                 "documents": len(docs), "characters": sum(map(len, docs)), "tokens": total,
+                 "mean_tokens_per_document": round(total / len(docs), 1)},
+        "workers": workers,
+        "repeats": repeats,
+        "tokens_per_s": {name: round(v) for name, v in best.items()},
+        "tokens_per_s_median": {name: round(statistics.median(v)) for name, v in runs.items()},
+        "ratios": {"ours_vs_baseline": round(ours / best["baseline"], 3),
+                   "ours_vs_limit": round(ours / best["limit"], 3),
+                   "ours_vs_limit_numpy": round(ours / best["limit_numpy"], 3),
+                   "scaling_1_to_%d_workers" % workers: round(ours / best["ours_1"], 3)},
+    }
+
+
+def to_markdown(result: dict) -> str:
+    w = result["workers"]
+    hw, text = result["hardware"], result["text"]
+    rows = [
+        ("baseline: Pool.imap per document, chunksize=16, %d workers" % w, "baseline"),
+        ("ours: `prepare` end to end, 1 worker", "ours_1"),
+        ("ours: `prepare` end to end, %d workers" % w, f"ours_{w}"),
+        ("limit: bare `encode_ordinary_batch`, 1 process per core, summed", "limit"),
+        ("limit_numpy: bare `encode_to_numpy` (what our workers call), 1 process per core, summed", "limit_numpy"),
+    ]
+    lines = [
+        "# prepare: tokenization throughput",
+        "",
+        f"- hardware: {hw['cpu']}, {hw['cores_available']} cores available "
+        f"(load average before/after: {', '.join('%.2f' % x for x in hw['load_average_before'])} / "
+        f"{', '.join('%.2f' % x for x in hw['load_average_after'])})",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
+        f"- text: {text['source']}: {text['documents']:,} documents, {text['tokens']:,} tokens "
+        f"({text['mean_tokens_per_document']} per document)",
+        f"- command: `{result['command']}`; best of {result['repeats']} round-robin repeats (median beside it)",
+        "",
+        "| pipeline | tokens/s (best) | tokens/s (median) |",
+        "|---|---:|---:|",
+        *(f"| {label} | {result['tokens_per_s'][key]:,} | {result['tokens_per_s_median'][key]:,} |" for label, key in rows),
+        "",
+        "| ratio | value |",
+        "|---|---:|",
+        *(f"| {name} | {value:.2f} |" for name, value in result["ratios"].items()),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--workers", type=int, help="worker processes for the N-worker runs (default: all cores)")
+    parser.add_argument("--name", default="cpu", help="results go to benchmarks/results/prepare-NAME.{json,md}")
+    args = parser.parse_args(argv)
+    result = run_prepare_benchmark(args.repeats, args.workers)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"prepare-{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / f"prepare-{args.name}.md").write_text(to_markdown(result))
+    print(to_markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
