@@ -186,13 +186,15 @@ STYLES = ({"color": "#1f77b4"}, {"color": "#d62728"})  # this run, the compared 
 REFERENCE_COLORS = ("#555555", "#2ca02c")
 
 
-def _smooth(values: np.ndarray, span: int) -> np.ndarray:
-    """Exponential moving average (bias-corrected), so a noisy train loss shows its trend."""
-    alpha, avg, weight, out = 2 / (span + 1), 0.0, 0.0, np.empty_like(values)
-    for i, v in enumerate(values):
-        avg, weight = (1 - alpha) * avg + alpha * v, (1 - alpha) * weight + alpha
-        out[i] = avg / weight
-    return out
+def _smooth(values: np.ndarray) -> np.ndarray:
+    """Centred rolling median over ~1/30 of the points: shows the trend without lagging behind it, and ignores
+    single slow steps (compilation, evaluation pauses)."""
+    window = len(values) // 30
+    if window < 3:
+        return values
+    before = window // 2
+    padded = np.pad(values, (before, window - 1 - before), mode="reflect")
+    return np.median(np.lib.stride_tricks.sliding_window_view(padded, window), axis=1)
 
 
 def _empty(ax, text: str) -> None:
@@ -201,10 +203,17 @@ def _empty(ax, text: str) -> None:
     ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="#777777", fontsize=10)
 
 
+def _hline(ax, value: float, label: str, color: str, linestyle: str = "--") -> None:
+    """A horizontal reference line labelled in place (legends would cover the curves)."""
+    ax.axhline(value, color=color, linestyle=linestyle, linewidth=1.1)
+    ax.text(0.99, value, f" {label} ", transform=ax.get_yaxis_transform(), ha="right", va="bottom", fontsize=8,
+            color=color, bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.7, "pad": 1})  # fmt: skip
+
+
 def _reference_lines(ax, metric: str) -> None:
     drawn = [r for r in REFERENCES if r.metric == metric and r.plot]
     for ref, color in zip(drawn, REFERENCE_COLORS):
-        ax.axhline(ref.value, color=color, linestyle="--", linewidth=1.1, label=f"{ref.plot}: {ref.value:g}")
+        _hline(ax, ref.value, f"{ref.plot}: {ref.value:g}", color)
 
 
 def _plot_loss(ax, runs: list[Run], x: str) -> list[str]:
@@ -214,7 +223,7 @@ def _plot_loss(ax, runs: list[Run], x: str) -> list[str]:
         if ok.any():
             xs, ys = run[x][ok], run["loss"][ok]
             ax.plot(xs, ys, alpha=0.2, linewidth=0.8, **style)
-            ax.plot(xs, _smooth(ys, max(1, len(ys) // 30)), linewidth=1.4, label=f"{run.name} train", **style)
+            ax.plot(xs, _smooth(ys), linewidth=1.4, label=f"{run.name} train", **style)
         ok = np.isfinite(run["val_loss"])
         if ok.any():
             ax.plot(run[x][ok], run["val_loss"][ok], "o-", markersize=3.5, linewidth=1.6, label=f"{run.name} val",
@@ -248,12 +257,12 @@ def _plot_hellaswag(ax, runs: list[Run], x: str) -> list[str]:
             ax.plot(run[x][ok], run["hellaswag_acc_norm"][ok], "o-", markersize=3.5, linewidth=1.6,
                     markeredgecolor="white", markeredgewidth=0.5, label=run.name, **style)  # fmt: skip
     _reference_lines(ax, "hellaswag")
-    ax.axhline(CHANCE, color="#aaaaaa", linestyle=":", linewidth=1, label=f"chance: {CHANCE:g}")
+    _hline(ax, CHANCE, f"chance: {CHANCE:g}", "#999999", linestyle=":")
     shown = [CHANCE, *(r.value for r in REFERENCES if r.metric == "hellaswag" and r.plot)]
     values = np.concatenate([r["hellaswag_acc_norm"][np.isfinite(r["hellaswag_acc_norm"])] for r in runs])
     ax.set_ylim(min(*shown, *values) - 0.01, max(*shown, *values) + 0.01)
     ax.set_title("HellaSwag acc_norm")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left")
     return notes
 
 
@@ -266,7 +275,7 @@ def _plot_per_step(ax, runs: list[Run], column: str, title: str, scale: float, e
         ok = np.isfinite(run[column])
         steps, values = run["step"][ok], run[column][ok] * scale
         ax.plot(steps, values, alpha=0.25, linewidth=0.8, **style)
-        ax.plot(steps, _smooth(values, max(1, len(values) // 30)), linewidth=1.4, label=run.name, **style)
+        ax.plot(steps, _smooth(values), linewidth=1.4, label=run.name, **style)
     ax.set_xlabel("step")
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=8, loc="lower right")
