@@ -111,7 +111,7 @@ def test_eval_cli_val_loss_and_token_budget(tmp_path, tiny_model, capsys):
     saved = json.loads((ckpt / "eval.json").read_text())
     assert saved["val"]["loss"] == pytest.approx(expected["loss"], rel=1e-9)
     assert saved["val"]["tokens"] == expected["tokens"] == 8 * 2 * 64  # 10 + 7 sequences of 64: 8 full batches
-    assert saved["val"]["shards"] == ["toy_val_000000.bin", "toy_val_000001.bin"] 
+    assert saved["val"]["shards"] == ["toy_val_000000.bin", "toy_val_000001.bin"]
     assert saved["step"] == 7 and saved["tokens_seen"] == 7168  # from train_state.json
 
     out = tmp_path / "budget.json"

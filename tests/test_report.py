@@ -39,7 +39,7 @@ def test_report_renders_png_and_markdown_with_the_numbers(tmp_path):
     rows = synthetic_run(run)
     rows.append({**rows[-2], "loss": "3.3333"})  # a resumed run re-logs step 400: the later row wins
     write_metrics(run, rows)
-    (run / "config.toml").write_text('[train]\nlr = 0.0006\nmax_steps = 400\n')
+    (run / "config.toml").write_text("[train]\nlr = 0.0006\nmax_steps = 400\n")
     png, md = write_report(run)
 
     assert png == run / "report.png" and md == run / "report.md"

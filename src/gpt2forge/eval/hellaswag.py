@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..model import EOT_TOKEN, IGNORE_INDEX
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 N_ENDINGS = 4
@@ -217,11 +218,11 @@ class Scores:
 def _batches(
     examples: Sequence[Example], per_batch: int, seq_len: int, n_batches: int, pad: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-    """(inputs, targets, examples in batch): [per_batch·4, seq_len] each; targets are -100 off the endings."""
+    """(inputs, targets, examples in batch): [per_batch·4, seq_len] each; targets are ignored off the endings."""
     for b in range(n_batches):
         chunk = examples[b * per_batch : (b + 1) * per_batch]
         idx = torch.full((per_batch * N_ENDINGS, seq_len), pad, dtype=torch.long)
-        tgt = torch.full_like(idx, -100)
+        tgt = torch.full_like(idx, IGNORE_INDEX)
         for i, ex in enumerate(chunk):
             for j, ending in enumerate(ex.endings):
                 row, tokens = i * N_ENDINGS + j, ex.context + ending
@@ -254,12 +255,12 @@ def score_examples(
     seq_len = seq_len or padded_length(examples)
     n_batches = max(n_batches or 0, math.ceil(len(examples) / per_batch))
     sums, counts = [], []
-    batches = _batches(examples, per_batch, seq_len, n_batches, pad=50256)
+    batches = _batches(examples, per_batch, seq_len, n_batches, pad=EOT_TOKEN)
     for idx, tgt, n in tqdm(batches, total=n_batches, desc="hellaswag", unit="batch", disable=not progress):
         idx, tgt = idx.to(device, non_blocking=True), tgt.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model(idx)[0]
-        mask = tgt != -100
+        mask = tgt != IGNORE_INDEX
         losses = F.cross_entropy(logits[mask].float(), tgt[mask], reduction="none")  # ending tokens only
         rows = mask.nonzero()[:, 0]
         row_sums = torch.zeros(idx.size(0), device=device, dtype=torch.float32).index_add_(0, rows, losses)
