@@ -177,9 +177,10 @@ def fit_to_context(examples: Sequence[Example], block_size: int) -> tuple[list[E
     """
     kept, skipped, truncated = [], [], 0
     for ex in examples:
-        room = block_size + 1 - max(map(len, ex.endings))
+        longest = max(map(len, ex.endings))
+        room = block_size + 1 - longest  # context tokens that fit
         if room < 1:
-            skipped.append(Skipped(ex.line, f"an ending of {block_size + 1 - room} tokens does not fit the context of {block_size}"))
+            skipped.append(Skipped(ex.line, f"an ending of {longest} tokens does not fit the context of {block_size}"))
             continue
         if len(ex.context) > room:
             ex = replace(ex, context=ex.context[-room:])
