@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from gpt2forge.model import GPT, GPTConfig
 
+HELLASWAG_SAMPLE = Path(__file__).parent / "data" / "hellaswag_val_head64.jsonl"
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=64)
 
 
@@ -24,7 +27,7 @@ def tiny_model(tiny_config) -> GPT:
 @pytest.fixture(scope="session")
 def hf_model_dir(tmp_path_factory):
     """A randomly initialised Hugging Face GPT2LMHeadModel saved to disk, with the real GPT-2 vocab size."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     torch.manual_seed(1)
     config = transformers.GPT2Config(
         n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0

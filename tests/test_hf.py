@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
 from gpt2forge.errors import UserError  # noqa: E402
 from gpt2forge.hf import export_hf, load_hf_model  # noqa: E402

@@ -227,3 +227,23 @@ def test_data_dir_without_shards_is_a_clear_error(tmp_path):
     assert result.returncode == 2 and "no train shards" in result.stderr and "Traceback" not in result.stderr
     result = run_cli(["train", "--config", "quickstart", "--optim.lr=fast"])
     assert result.returncode == 2 and "optim.lr: cannot read 'fast' as float" in result.stderr
+
+
+def test_validation_hellaswag_and_sampling_work_with_compile_on(data_dir, tmp_path, caplog):
+    """build-nanogpt had to switch compile off for its evals; here they run on the compiled model."""
+    import logging
+
+    from conftest import HELLASWAG_SAMPLE
+
+    cfg = config(data_dir, tmp_path, **{
+        "model.vocab_size": 50257, "model.vocab_multiple": 128, "train.compile": True, "train.max_steps": 2,
+        "eval.val_every": 2, "eval.hellaswag_every": 2, "eval.hellaswag_file": str(HELLASWAG_SAMPLE), "eval.hellaswag_limit": 8,
+        "eval.sample_every": 2, "eval.sample_tokens": 5, "eval.num_samples": 1, "checkpoint.every": 0,
+    })
+    with caplog.at_level(logging.INFO, logger="gpt2forge.train"):
+        result = train(cfg)
+    rows = list(csv.DictReader(open(result.run_dir / "metrics.csv")))
+    evals = [r for r in rows if r["val_loss"]]
+    assert [r["step"] for r in evals] == ["0", "2"]
+    assert all(0.0 <= float(r["hellaswag_acc_norm"]) <= 1.0 for r in evals)
+    assert "sample 0: Hello, I'm a language model," in caplog.text
