@@ -1,0 +1,81 @@
+"""`gpt2forge bench`: the seconds-long mode writes a complete report, and the micro-batch search is exact."""
+
+import json
+
+import pytest
+
+from gpt2forge import bench, cli
+from gpt2forge.bench import STAGES, largest_fitting
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """One --quick run on the CPU (about 15 s): its JSON and markdown."""
+    out = tmp_path_factory.mktemp("bench")
+    args = cli.build_parser("bench").parse_args(["--quick", "--device", "cpu", "--out", str(out)])
+    result = bench.run_bench(bench.resolve_options(args))
+    assert sorted(p.name for p in out.iterdir()) == ["bench-cpu-quick.json", "bench-cpu-quick.md"]
+    on_disk = json.loads((out / "bench-cpu-quick.json").read_text())
+    assert on_disk["ablation"]["rows"] == json.loads(json.dumps(result["ablation"]["rows"]))
+    return on_disk, (out / "bench-cpu-quick.md").read_text()
+
+
+def test_ablation_has_every_row_in_order_each_with_a_figure_or_a_reason(quick):
+    result, _ = quick
+    rows = result["ablation"]["rows"]
+    assert [r["key"] for r in rows] == [s.key for s in STAGES]
+    assert [r["a100_ref_ms"] for r in rows] == [1000, 333, 300, 130, 96, 93, 90]
+    for r in rows:
+        if r["reason"]:
+            assert "ms_per_step" not in r
+            continue
+        for column in ("ms_per_step", "ms_min", "ms_max", "tokens_per_s", "tflops", "peak_mib", "speedup"):
+            assert r[column] > 0, (r["key"], column)
+        assert r["mfu"] is None  # no known CPU peak ...
+    assert "CPU" in result["ablation"]["mfu_reason"]  # ... and the report says why
+    measured = [r["key"] for r in rows if not r["reason"]]
+    assert measured == ["fp32", "bf16"] and rows[0]["speedup"] == 1.0
+    assert rows[1]["reason"].startswith("CUDA only")
+    assert all("--quick" in r["reason"] for r in rows[3:])
+
+
+def test_other_sections_and_the_record_of_how(quick):
+    result, _ = quick
+    overhead = result["overhead"]
+    assert isinstance(overhead["overhead_pct"], float) and overhead["bare_ms"]["median"] > 0
+    assert len(overhead["trainer_ms"]["samples"]) == overhead["rounds"]
+    assert result["data"]["loader"]["ms_per_batch"]["median"] > 0
+    assert result["data"]["prepare"]["reason"]
+    assert result["memory"]["reason"].startswith("GPU only")
+    assert result["command"].startswith("gpt2forge bench ") and "--quick" in result["command"]
+    assert result["hardware"]["cpu"] and result["versions"]["torch"]
+    assert set(result["load"]) == set(bench.SECTIONS)
+
+
+def test_markdown_table(quick):
+    _, md = quick
+    header = next(line for line in md.splitlines() if line.startswith("| # | configuration"))
+    for column in ("ms/step", "tokens/s", "MFU", "peak MiB", "speed-up", "A100 ref"):
+        assert column in header
+    table = [line for line in md.splitlines() if line[:4] in {f"| {i} " for i in range(1, 8)}]
+    assert [line.split(" | ")[1] for line in table] == [s.label for s in STAGES]
+    assert "**Overhead:" in md and "TokenLoader.batch" in md and "MFU: n/a" in md
+
+
+@pytest.mark.parametrize("boundary", [0, 1, 2, 37, 64, 100])
+def test_largest_fitting_finds_the_boundary_in_few_tries(boundary):
+    tried = []
+
+    def fits(n):
+        tried.append(n)
+        return n <= boundary
+
+    assert largest_fitting(fits, limit=100) == boundary
+    assert len(tried) <= 14
+
+
+def test_bad_options_are_user_errors(capsys):
+    assert cli.main(["bench", "--only", "ablation,speed"]) == 2
+    assert "unknown section(s) speed" in capsys.readouterr().err
+    assert cli.main(["bench", "--preset", "tiny", "--seq-len", "4096"]) == 2
+    assert "exceeds the context length" in capsys.readouterr().err
