@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -91,9 +91,9 @@ def test_parquet_in_fineweb_layout_becomes_shards_that_decode_back(parquet_dir, 
     tokens = stream(out)
     assert manifest["totals"]["tokens"] == len(tokens) == sum(s["tokens"] for s in shards)
     assert sum(s["documents"] for s in shards) == len(texts) == int((tokens == EOT).sum())
-    boundary = np.cumsum([s["tokens"] for s in shards])[:-1]
-    ends_per_shard = np.diff(np.concatenate([[0], np.searchsorted(np.flatnonzero(tokens == EOT), boundary), [len(texts)]]))
-    assert [s["documents"] for s in shards] == ends_per_shard.tolist()
+    boundaries = np.cumsum([s["tokens"] for s in shards])  # a document counts where its EOT is
+    eot_positions = np.flatnonzero(tokens == EOT)
+    assert [s["documents"] for s in shards] == np.diff(np.searchsorted(eot_positions, boundaries), prepend=0).tolist()
     assert manifest["complete"] and manifest["settings"]["eot"] == "after each document"
     assert [f["path"] for f in manifest["settings"]["source"]["files"]] == sorted(str(p) for p in parquet_dir.iterdir())
 
@@ -279,7 +279,8 @@ def test_bad_input_is_one_clear_message_naming_the_file(tmp_path, parquet_dir, c
         assert main(["prepare", *args, "--out", str(tmp_path / "out"), "--no-progress"]) == 2
         return capsys.readouterr().err
 
-    assert "file " + str(tmp_path / "nope.parquet") + " does not exist" in error("--files", str(tmp_path / "nope.parquet"))
+    missing_file = str(tmp_path / "nope.parquet")
+    assert f"file {missing_file} does not exist" in error("--files", missing_file)
     assert "matches no files" in error("--files", str(tmp_path / "*.jsonl"))
     (tmp_path / "empty.jsonl").write_text("")
     assert "empty.jsonl is empty" in error("--files", str(tmp_path / "empty.jsonl"))
@@ -333,5 +334,5 @@ def test_shard_plan_splits_val_into_shards_then_train():
 def test_count_option_accepts_suffixes():
     assert [prepare_module._count(t) for t in ("1000", "100_000", "1e8", "250K", "100M", "10B")] == [
         1000, 100_000, 10**8, 250_000, 10**8, 10**10]
-    with pytest.raises(Exception):
+    with pytest.raises(argparse.ArgumentTypeError):
         prepare_module._count("lots")

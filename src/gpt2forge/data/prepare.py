@@ -158,7 +158,7 @@ def _tasks(batches: Iterator[DocBatch], max_chars: int = TASK_CHARS) -> Iterator
     texts: list[str] = []
     size = 0
     for batch in batches:
-        for row, text in zip(batch.rows.tolist(), batch.texts):
+        for row, text in zip(batch.rows.tolist(), batch.texts, strict=True):
             rows.append(row)
             texts.append(text)
             size += len(text)
@@ -315,13 +315,14 @@ def open_output(out: Path, settings: Settings, overwrite: bool) -> dict:
                 f"{out} holds shard files but no {MANIFEST_NAME}, so they cannot be resumed; "
                 "use another --out, or --overwrite to delete them"
             )
-        return {"format": MANIFEST_FORMAT, "version": 1, "complete": False, "settings": settings.as_json(), "shards": []}
+        return {"format": MANIFEST_FORMAT, "version": 1, "complete": False, "settings": settings.as_json(),
+                "shards": []}
     if manifest.get("format") != MANIFEST_FORMAT:
         raise UserError(f"{out / MANIFEST_NAME} is not a gpt2forge prepare manifest; use another --out")
     if manifest["settings"] != settings.as_json():
+        differences = "; ".join(_differences(manifest["settings"], settings.as_json()))
         raise UserError(
-            f"{out} was prepared with other settings: {'; '.join(_differences(manifest['settings'], settings.as_json()))}. "
-            "Use another --out, or --overwrite to replace it"
+            f"{out} was prepared with other settings: {differences}. Use another --out, or --overwrite to replace it"
         )
     if manifest["complete"]:
         return manifest
@@ -597,16 +598,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="column --min-score reads (default int_score = round(score), FineWeb-Edu's)")
     parser.add_argument("--max-tokens", type=_count, help="stop after this many tokens (the last shard is partial)")
     parser.add_argument("--shard-size", type=_count,
-                        help=f"tokens per shard (default {DEFAULT_SHARD_SIZE:,}; {EMBEDDED_SHARD_SIZE:,} with --embedded)")
+                        help=f"tokens per shard (default {DEFAULT_SHARD_SIZE:,}; "
+                        f"{EMBEDDED_SHARD_SIZE:,} with --embedded)")
     parser.add_argument("--val-tokens", type=_count,
                         help=f"tokens in the validation split, taken first (default one shard; "
                         f"{EMBEDDED_VAL_TOKENS:,} with --embedded)")
-    parser.add_argument("--prefix", help="shard file name prefix (default from the source: fineweb-edu, embedded, local)")
+    parser.add_argument("--prefix",
+                        help="shard file name prefix (default from the source: fineweb-edu, embedded, local)")
     parser.add_argument("--out", help="output directory, e.g. data/fineweb-edu-10B")
     parser.add_argument("--workers", type=int, default=default_workers(),
                         help="tokenizer processes (default: the cores available)")
     parser.add_argument("--overwrite", action="store_true", help="delete the shards and manifest already in --out")
-    parser.add_argument("--vocab-dir", help="folder with GPT-2's encoder.json + vocab.bpe (default: found automatically)")
+    parser.add_argument("--vocab-dir",
+                        help="folder with GPT-2's encoder.json + vocab.bpe (default: found automatically)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--verify", metavar="DIR", help="check the shards in DIR against their manifest, then exit")
 

@@ -73,7 +73,7 @@ def read_manifest(directory: str | os.PathLike) -> dict | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ShardError(f"{path} is not valid JSON ({e}): corrupted? `gpt2forge prepare --overwrite` rebuilds it") from None
+        raise ShardError(f"{path} is not valid JSON ({e}): corrupted? `prepare --overwrite` rebuilds it") from None
 
 
 def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> str:

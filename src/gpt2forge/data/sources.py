@@ -57,10 +57,11 @@ class Source:
     def describe(self) -> dict:
         raise NotImplementedError
 
-    def tables(self, start_row: int) -> Iterator[tuple[str, int, pa.Table]]:
+    def tables(self, start_row: int, columns: list[str]) -> Iterator[tuple[str, int, pa.Table]]:
         """``(origin, index of its first row, table)`` from the table holding ``start_row`` on.
 
-        ``origin`` names the file or dataset for error messages. Tables may begin before ``start_row``.
+        ``origin`` names the file or dataset for error messages. Tables may begin before ``start_row``, and
+        may hold more than the ``columns`` asked for (sources that can skip reading the others do).
         """
         raise NotImplementedError
 
@@ -95,16 +96,18 @@ class HubSource(Source):
         return splits[self.split].num_examples if splits and self.split in splits else None
 
     def describe(self) -> dict:
-        return {"kind": "hub", "dataset": self.name, "config": self.config, "split": self.split, "revision": self.revision}
+        return {"kind": "hub", "dataset": self.name, "config": self.config, "split": self.split,
+                "revision": self.revision}
 
-    def tables(self, start_row: int) -> Iterator[tuple[str, int, pa.Table]]:
+    def tables(self, start_row: int, columns: list[str]) -> Iterator[tuple[str, int, pa.Table]]:
         row = 0
         try:
             for table in self.dataset.with_format("arrow").iter(batch_size=READ_ROWS):
                 yield self.label, row, table
                 row += table.num_rows
         except OSError as e:
-            raise UserError(f"reading {self.label} failed at row {row:,}: {e}; run the same command again to resume")
+            message = f"reading {self.label} failed at row {row:,}: {e}; run the same command again to resume"
+            raise UserError(message) from e
 
 
 def _format_of(path: Path) -> str | None:
@@ -145,21 +148,26 @@ class FileSource(Source):
             raise UserError(f"--files mixes formats ({', '.join(formats)}): prepare each format into its own --out")
         self.format = formats[0]
         self.txt_unit = txt_unit
-        self.file_rows = [self._rows_of(p) for p in self.files]
+        self.schemas = [self._schema_of(p) for p in self.files]
+        self.file_rows = [self._rows_of(p, schema) for p, schema in zip(self.files, self.schemas, strict=True)]
         self.num_rows = None if None in self.file_rows else sum(self.file_rows)
 
-    def _rows_of(self, path: Path) -> int | None:
-        """A file's row count where it costs nothing: parquet footers, and text files read whole."""
-        if self.format == "text" and self.txt_unit == "document":
-            return 1
+    def _schema_of(self, path: Path):
+        """A parquet file's footer (schema and row count), which costs one small read; None for other formats."""
         if self.format != "parquet":
             return None
         import pyarrow.parquet as pq
 
         try:
-            return pq.ParquetFile(path).metadata.num_rows
+            return pq.read_metadata(path)
         except (pa.ArrowException, OSError) as e:
             raise UserError(f"{path} is not a readable parquet file: {e}") from None
+
+    def _rows_of(self, path: Path, metadata) -> int | None:
+        """A file's row count where it costs nothing: parquet footers, and text files read whole."""
+        if self.format == "text" and self.txt_unit == "document":
+            return 1
+        return metadata.num_rows if metadata is not None else None
 
     def describe(self) -> dict:
         files = [{"path": str(p), "bytes": p.stat().st_size} for p in self.files]
@@ -168,15 +176,17 @@ class FileSource(Source):
             description["txt_unit"] = self.txt_unit
         return description
 
-    def tables(self, start_row: int) -> Iterator[tuple[str, int, pa.Table]]:
+    def tables(self, start_row: int, columns: list[str]) -> Iterator[tuple[str, int, pa.Table]]:
         import datasets
 
-        options = {"sample_by": self.txt_unit} if self.format == "text" else {}
         row = 0
-        for path, known_rows in zip(self.files, self.file_rows):
+        for path, known_rows, metadata in zip(self.files, self.file_rows, self.schemas, strict=True):
             if known_rows is not None and row + known_rows <= start_row:
                 row += known_rows  # wholly before the resume point: not even opened
                 continue
+            options = {"sample_by": self.txt_unit} if self.format == "text" else {}
+            if metadata is not None and set(columns) <= set(metadata.schema.names):
+                options["columns"] = columns  # parquet: decode only what is used (else all, to name them)
             try:
                 dataset = datasets.load_dataset(
                     self.format, data_files=[str(path)], split="train", streaming=True, **options
@@ -223,7 +233,7 @@ class EmbeddedSource(Source):
             "sha256": digest.hexdigest(),
         }
 
-    def tables(self, start_row: int) -> Iterator[tuple[str, int, pa.Table]]:
+    def tables(self, start_row: int, columns: list[str]) -> Iterator[tuple[str, int, pa.Table]]:
         for row in range(start_row, len(self.documents), READ_ROWS):
             yield "the embedded corpus", row, pa.table({"text": self.documents[row : row + READ_ROWS]})
 
@@ -261,7 +271,8 @@ def documents(
     score_column: str = "int_score",
 ) -> Iterator[DocBatch]:
     """The non-empty documents of ``source`` from row ``start_row`` on, with ``score_column ≥ min_score``."""
-    for origin, first_row, table in source.tables(start_row):
+    columns = [text_column] + ([score_column] if min_score is not None else [])
+    for origin, first_row, table in source.tables(start_row, columns):
         if first_row + table.num_rows <= start_row:
             continue
         if first_row < start_row:
