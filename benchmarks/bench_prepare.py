@@ -1,7 +1,8 @@
 """Tokenization throughput of ``gpt2forge prepare`` against the usual public recipe and against the hardware limit.
 
-On the same documents (the embedded corpus cut into FineWeb-sized documents, written as one FineWeb-Edu-layout
-parquet file), this measures tokens/s for:
+On the same documents (the embedded corpus cut into FineWeb-sized documents, twice over by default so that
+start-up and drain are small next to the steady state that a real run lives in, written as one
+FineWeb-Edu-layout parquet file), this measures tokens/s for:
 
 - **baseline**: the common ``fineweb.py`` recipe, ``multiprocessing.Pool(N).imap(tokenize_one_doc, docs,
   chunksize=16)`` where ``tokenize_one_doc`` is ``np.array([eot] + enc.encode_ordinary(text)).astype(np.uint16)``,
@@ -212,12 +213,14 @@ def _baseline(docs: list[str], out: Path, workers: int) -> tuple[int, np.ndarray
     return len(tokens), tokens
 
 
-def run_prepare_benchmark(repeats: int = 5, workers: int | None = None, doc_chars: int = DOC_CHARS) -> dict:
+def run_prepare_benchmark(
+    repeats: int = 5, workers: int | None = None, copies: int = 2, doc_chars: int = DOC_CHARS
+) -> dict:
     """Measure baseline, ours (1 and ``workers`` processes) and the limits; return the results as a dict."""
     cores = len(os.sched_getaffinity(0))
     workers = workers or cores
     get_tokenizer()  # built once, inherited by every forked process
-    docs = benchmark_documents(doc_chars)
+    docs = benchmark_documents(doc_chars) * copies
     names = ["baseline", "ours_1", f"ours_{workers}", "limit", "limit_numpy"]
     runs: dict[str, list[Run]] = {name: [] for name in names}
     load_before = os.getloadavg()
@@ -249,7 +252,8 @@ def run_prepare_benchmark(repeats: int = 5, workers: int | None = None, doc_char
                      "load_average_before": load_before, "load_average_after": os.getloadavg()},
         "versions": {"python": platform.python_version(),
                      **{p: version(p) for p in ("gpt2forge", "tiktoken", "numpy", "datasets", "pyarrow")}},
-        "text": {"source": "embedded corpus (pydoc topics + stdlib source) cut into ~%d-char documents" % doc_chars,
+        "text": {"source": f"embedded corpus (pydoc topics + stdlib source) cut into ~{doc_chars}-char documents"
+                           + (f", {copies} copies" if copies > 1 else ""),
                  "documents": len(docs), "characters": sum(map(len, docs)), "tokens": len(baseline_tokens),
                  "mean_tokens_per_document": round(len(baseline_tokens) / len(docs), 1)},
         "workers": workers,
@@ -305,9 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workers", type=int, help="worker processes for the N-worker runs (default: all cores)")
+    parser.add_argument("--copies", type=int, default=2, help="copies of the embedded corpus to tokenize (default 2)")
     parser.add_argument("--name", default="cpu", help="results go to benchmarks/results/prepare-NAME.{json,md}")
     args = parser.parse_args(argv)
-    result = run_prepare_benchmark(args.repeats, args.workers)
+    result = run_prepare_benchmark(args.repeats, args.workers, args.copies)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"prepare-{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
     (RESULTS / f"prepare-{args.name}.md").write_text(to_markdown(result))

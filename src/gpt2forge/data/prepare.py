@@ -12,7 +12,7 @@ shard is partial. Files are named like llm.c's: ``<prefix>_val_000000.bin``, ``<
 in the next shard; each shard's manifest entry records where the next one starts (``end``: a source row and a
 token offset in that row's document), so output never depends on timing or on the number of workers.
 
-**Speed.** The main process reads Arrow batches and sends workers tasks of many documents (~256k characters);
+**Speed.** The main process reads Arrow batches and sends workers tasks of many documents (~512k characters);
 a worker encodes them with ``Encoding.encode_to_numpy`` (no Python int lists) and returns one uint16 array and
 the document lengths. A bounded window of tasks is in flight and consumed in order, so memory stays bounded and
 reading overlaps tokenizing; a writer thread writes (and fsyncs) each full shard while the next one fills.
@@ -60,7 +60,7 @@ from .sources import TXT_UNITS, DocBatch, EmbeddedSource, FileSource, HubSource,
 DEFAULT_DATASET, DEFAULT_CONFIG = "HuggingFaceFW/fineweb-edu", "sample-10BT"
 DEFAULT_SHARD_SIZE = 100_000_000
 EMBEDDED_SHARD_SIZE, EMBEDDED_VAL_TOKENS = 1_000_000, 250_000  # the embedded corpus is ~6M tokens
-TASK_CHARS = 1 << 18  # text per worker task: big enough to amortise IPC, small enough to keep workers busy
+TASK_CHARS = 1 << 19  # text per worker task: big enough to amortise IPC, small enough to keep workers busy
 EOT_PLACEMENT = "after each document"
 MANIFEST_FORMAT = "gpt2forge token shards"
 SOURCE_OPTIONS = {"hub": "--dataset", "files": "--files", "embedded": "--embedded"}
