@@ -151,12 +151,14 @@ def test_embedded_corpus_is_deterministic_and_needs_no_download(tmp_path):
     assert len(tokens) == 60_000
     complete = documents_of(tokens[: np.flatnonzero(tokens == EOT)[-1] + 1])
     assert len(complete) >= 3 and complete == [d for d in docs if d][: len(complete)]
-    assert sorted(p.name for p in (tmp_path / "e").glob("*.bin"))[-1] == "embedded_val_000000.bin"
+    manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    assert [(s["file"], s["tokens"]) for s in manifest["shards"]] == [
+        ("embedded_val_000000.bin", 10_000), ("embedded_train_000001.bin", 20_000),
+        ("embedded_train_000002.bin", 20_000), ("embedded_train_000003.bin", 10_000)]
 
 
-def test_hub_dataset_path_via_a_local_dataset_repo(tmp_path, texts, monkeypatch):
+def test_hub_dataset_path_via_a_local_dataset_repo(tmp_path, texts):
     """The --dataset code path (load_dataset(name, config, streaming=True)) on a hub-style local repo."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     repo = tmp_path / "repo"
     (repo / "sample" / "10BT").mkdir(parents=True)
     pq.write_table(fineweb_table(texts[:50]), repo / "sample" / "10BT" / "000_00000.parquet")
