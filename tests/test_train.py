@@ -215,6 +215,26 @@ def test_two_process_ddp_matches_one_process_with_accumulation_and_resumes_exact
     assert metric_losses(tmp_path / "ddp2" / "run") == ddp
 
 
+def test_two_process_fsdp_matches_one_process_and_resumes_exactly(data_dir, tmp_path):
+    fsdp = {"train.distributed": "fsdp", "eval.val_every": 0, "checkpoint.every": 4}
+    single = train(config(data_dir, tmp_path / "single", **{"eval.val_every": 0}))
+    torchrun(["train", *tiny_overrides(data_dir, tmp_path / "fsdp", **fsdp)])
+    sharded = metric_losses(tmp_path / "fsdp" / "run")
+    for step, loss in single.losses.items():
+        assert sharded[step] == pytest.approx(loss, rel=1e-5, abs=1e-6)
+    torchrun(["train", *tiny_overrides(data_dir, tmp_path / "fsdp2", **{**fsdp, "train.max_steps": 4})])
+    torchrun(["train", "--resume", *tiny_overrides(data_dir, tmp_path / "fsdp2", **fsdp)])
+    assert metric_losses(tmp_path / "fsdp2" / "run") == sharded
+    # the checkpoint holds the full, unsharded model: it loads on its own
+    from gpt2forge.weights import load_model
+
+    assert load_model(tmp_path / "fsdp2" / "run").num_params() == GPT(single_config(data_dir, tmp_path)).num_params()
+
+
+def single_config(data_dir, out_dir):
+    return config(data_dir, out_dir).model.gpt_config()
+
+
 def test_resume_with_another_world_size_is_refused(data_dir, tmp_path):
     torchrun(["train", *tiny_overrides(data_dir, tmp_path, **{"train.max_steps": 4, "eval.val_every": 0})])
     with pytest.raises(UserError, match="saved by 2 rank\\(s\\); this run has 1"):

@@ -1,7 +1,10 @@
 """``gpt2forge train``: the pretraining loop, from one CPU to many GPUs, resumable exactly.
 
 The loop is ours; Hugging Face ``accelerate`` supplies the plumbing (process group from ``torchrun`` /
-``accelerate launch`` / plain ``python``, device placement, DDP or FSDP wrapping). Autocast is applied here
+``accelerate launch`` / plain ``python``, device placement, DDP wrapping). FSDP is PyTorch's FSDP2
+(``fully_shard`` per block), not accelerate's FSDP plugin, which refuses to run without an accelerator and so
+could not be tested on CPUs; the checkpoint code is the same for both through
+``torch.distributed.checkpoint.state_dict``. Autocast is applied here
 rather than through accelerate's ``mixed_precision``, which would also upcast the returned [B, T, V] logits
 to fp32 — gigabytes for nothing.
 
@@ -22,6 +25,7 @@ import math
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -109,17 +113,15 @@ class Trainer:
         from accelerate import Accelerator
 
         t = self.config.train
-        plugin = None
-        if t.distributed == "fsdp":
-            from accelerate import FullyShardedDataParallelPlugin
-
-            plugin = FullyShardedDataParallelPlugin(use_orig_params=True, sync_module_states=True)
-        self.accelerator = Accelerator(cpu=t.device == "cpu", fsdp_plugin=plugin)
+        self.accelerator = Accelerator(cpu=t.device == "cpu")
         self.device = self.accelerator.device
         if t.device not in ("auto", "cpu") and self.device.type != torch.device(t.device).type:
             raise UserError(f"train.device={t.device} requested, but accelerate placed this process on {self.device}")
         self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
+        if not self.is_main:
+            log.setLevel(logging.WARNING)  # one rank speaks; the others only warn
+        self.fsdp = t.distributed == "fsdp" and self.world_size > 1
         self.grad_accum = grad_accum_steps(self.config, self.world_size)
         self.autocast_dtype = _autocast_dtype(t.precision, self.device)
         if self.device.type == "cuda":
@@ -148,7 +150,16 @@ class Trainer:
         self.model = GPT(c.model.gpt_config()).to(self.device)  # the unwrapped module: weights, sampling, export
         if self.resume_from is not None:
             self.check_architecture(self.resume_from)
-        self.wrapped = self.accelerator.prepare(self.model)
+        if self.fsdp:  # FSDP2: each block and then the rest (embeddings, tied lm_head) sharded across ranks
+            from torch.distributed.fsdp import fully_shard
+
+            # the logits are a slice (view) when the vocab is padded; nothing modifies them in place
+            warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+            for block in self.model.transformer.h:
+                fully_shard(block)
+            self.wrapped = fully_shard(self.model)
+        else:
+            self.wrapped = self.accelerator.prepare(self.model)  # DDP when distributed, the module itself otherwise
         self.optimizer = build_optimizer(self.wrapped, c.optim, self.device.type)
         self.train_model = torch.compile(self.wrapped) if c.train.compile else self.wrapped
         self.flops_per_token = self.model.flops_per_token(c.train.seq_len)
@@ -278,6 +289,21 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
+    @contextlib.contextmanager
+    def gradient_sync(self, sync: bool):
+        """Skip the gradient all-reduce on accumulation micro-steps: only the last one of a step syncs."""
+        if sync or self.world_size == 1:
+            yield
+        elif self.fsdp:
+            self.wrapped.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.wrapped.set_requires_gradient_sync(True)
+        else:
+            with self.accelerator.no_sync(self.wrapped):
+                yield
+
     def train_step(self) -> dict:
         """One optimizer step over ``grad_accum`` micro-batches; returns its metrics."""
         c = self.config
@@ -288,9 +314,7 @@ class Trainer:
         for micro in range(self.grad_accum):
             x, y = self.loader.next_batch()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            last = micro == self.grad_accum - 1
-            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.wrapped)
-            with sync:
+            with self.gradient_sync(micro == self.grad_accum - 1):
                 with self.autocast():
                     _, loss = self.train_model(x, y)
                 loss = loss / self.grad_accum
@@ -298,8 +322,9 @@ class Trainer:
             loss_sum += loss.detach()
         if self.world_size > 1:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-        max_norm = c.optim.grad_clip or float("inf")
-        grad_norm = self.accelerator.clip_grad_norm_(self.wrapped.parameters(), max_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), c.optim.grad_clip or float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a sharded (DTensor) norm
+            grad_norm = grad_norm.full_tensor()
         loss_value, norm_value = loss_sum.item(), float(grad_norm)
         finite = math.isfinite(loss_value) and math.isfinite(norm_value)
         if finite:
@@ -344,7 +369,7 @@ class Trainer:
         """Print samples from the unwrapped model (KV-cached generation has a new shape every token, so it is
         not compiled). Under FSDP the unwrapped module holds only a shard, so sampling is skipped."""
         c = self.config
-        if not self.due(c.eval.sample_every) or not self.is_main or (c.train.distributed == "fsdp" and self.world_size > 1):
+        if not self.due(c.eval.sample_every) or not self.is_main or self.fsdp:
             return
         from ..sample import generate_text
         from ..tokenizer import get_tokenizer
