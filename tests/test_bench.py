@@ -5,14 +5,15 @@ import json
 import pytest
 
 from gpt2forge import bench, cli
-from gpt2forge.bench import STAGES, largest_fitting
+from gpt2forge.bench.ablation import STAGES
+from gpt2forge.bench.memory import largest_fitting
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """One --quick run on the CPU (about 15 s): its JSON and markdown."""
+    """One --quick --profile run on the CPU (5-20 s): its JSON and markdown."""
     out = tmp_path_factory.mktemp("bench")
-    args = cli.build_parser("bench").parse_args(["--quick", "--device", "cpu", "--out", str(out)])
+    args = cli.build_parser("bench").parse_args(["--quick", "--device", "cpu", "--profile", "--out", str(out)])
     result = bench.run_bench(bench.resolve_options(args))
     assert sorted(p.name for p in out.iterdir()) == ["bench-cpu-quick.json", "bench-cpu-quick.md"]
     on_disk = json.loads((out / "bench-cpu-quick.json").read_text())
@@ -37,6 +38,7 @@ def test_ablation_has_every_row_in_order_each_with_a_figure_or_a_reason(quick):
     assert measured == ["fp32", "bf16"] and rows[0]["speedup"] == 1.0
     assert rows[1]["reason"].startswith("CUDA only")
     assert all("--quick" in r["reason"] for r in rows[3:])
+    assert "aten::" in result["ablation"]["profile"]  # --profile: the top ops of the last measured row
 
 
 def test_other_sections_and_the_record_of_how(quick):

@@ -1,0 +1,234 @@
+"""How the bench measures: the machine and its load, timed blocks, a step's peak memory, the bare training step.
+
+Machines are often shared (CI runners, colleagues' jobs), so every timed block also records how many cores
+other processes kept busy meanwhile (/proc/stat minus our own CPU time); statistics prefer the quiet blocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import os
+import platform
+import re
+import statistics
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from ..device import PEAK_BF16_TFLOPS
+from ..train.optim import param_groups
+
+VOCAB = 50257
+QUIET_CORES = 0.25  # a timing counts as uncontended when other processes kept fewer cores busy (as bench_prepare)
+
+
+# ---------------------------------------------------------------- the machine
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def device_kind(device: torch.device) -> str:
+    """Short name for result files: ``cpu``, ``h100``, ``a100``, … (falls back to the full GPU name)."""
+    if device.type != "cuda":
+        return device.type
+    name = torch.cuda.get_device_name(device)
+    for key in PEAK_BF16_TFLOPS:  # ordered: specific names first
+        if key in name:
+            return key.lower().replace(" ", "-")
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def describe_hardware(device: torch.device) -> dict:
+    info = {"device": str(device), "cpu": cpu_model(), "cores_available": len(os.sched_getaffinity(0)),
+            "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                    compute_capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda)
+    return info
+
+
+def library_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for package in ("gpt2forge", "torch", "numpy", "accelerate", "tiktoken", "triton"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[package] = metadata.version(package)
+    return versions
+
+
+class LoadMeter:
+    """How busy the machine was during a section: load average, and the cores other processes kept busy
+    (all CPU time in /proc/stat minus our own), which is what disturbs a timing."""
+
+    def __enter__(self):
+        self.load_start = os.getloadavg()
+        self.busy_start, self.ours_start, self.wall_start = _busy_seconds(), _own_cpu_seconds(), time.monotonic()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall = time.monotonic() - self.wall_start
+        self.record = {"load_average_start": [round(x, 2) for x in self.load_start],
+                       "load_average_end": [round(x, 2) for x in os.getloadavg()], "seconds": round(wall, 1)}
+        busy = _busy_seconds()
+        if busy is not None and self.busy_start is not None and wall >= 1:  # /proc/stat counts in 10 ms ticks
+            others = (busy - self.busy_start) - (_own_cpu_seconds() - self.ours_start)
+            self.record["other_processes_cores"] = round(max(0.0, others) / wall, 2)
+
+
+def _busy_seconds() -> float | None:
+    """CPU seconds all processes have been busy since boot (Linux), or None."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+# ---------------------------------------------------------------- timing and memory
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, n: int, device: torch.device) -> tuple[float, float | None]:
+    """Milliseconds per call of ``fn`` over ``n`` calls, and the cores other processes kept busy meanwhile (None
+    where there is no /proc/stat, or the block is too short for its 10 ms ticks)."""
+    synchronize(device)
+    busy, own, start = _busy_seconds(), _own_cpu_seconds(), time.perf_counter()
+    for _ in range(n):
+        fn()
+    synchronize(device)
+    wall = time.perf_counter() - start
+    others = None
+    if busy is not None and wall >= 0.5:
+        others = max(0.0, (_busy_seconds() - busy - (_own_cpu_seconds() - own)) / wall)
+    return 1000 * wall / n, others
+
+
+def is_quiet(timing: tuple[float, float | None]) -> bool:
+    return timing[1] is None or timing[1] < QUIET_CORES
+
+
+def spread(timings: list[tuple[float, float | None]]) -> dict:
+    """Median of the uncontended timings (of all when none was), with min and max of all and the counts."""
+    ms = [t for t, _ in timings]
+    quiet = [t for t, others in timings if is_quiet((t, others))]
+    return {"median": statistics.median(quiet or ms), "min": min(ms), "max": max(ms), "quiet": len(quiet),
+            "n": len(ms), "samples": [round(t, 2) for t in ms],
+            "other_cores": [None if o is None else round(o, 2) for _, o in timings]}
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def failure(error: BaseException) -> str:
+    """An exception as a one-line table reason."""
+    text = str(error).strip().splitlines()
+    return f"failed: {type(error).__name__}: {text[0][:240] if text else ''}".rstrip(": ")
+
+
+class StepMemory:
+    """Peak memory a call adds on top of what is resident before it.
+
+    CUDA: ``max_memory_allocated``. CPU: the peak RSS (VmHWM, reset through ``/proc/self/clear_refs``) after
+    ``malloc_trim`` has handed freed heap pages back — otherwise a step would reuse pages a previous step
+    freed and look free of charge.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reason = None
+        self.trim = None
+        if device.type == "cpu":
+            try:
+                self.trim = ctypes.CDLL("libc.so.6").malloc_trim
+                Path("/proc/self/clear_refs").write_text("5")
+            except (OSError, AttributeError):
+                self.reason = "needs Linux (/proc/self/clear_refs) and glibc (malloc_trim) to measure a step's RSS"
+        elif device.type != "cuda":
+            self.reason = f"no memory probe for {device.type}"
+
+    def measure(self, fn) -> int | None:
+        """Bytes ``fn`` added at its peak, or None (see ``reason``)."""
+        if self.reason:
+            fn()
+            return None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            fn()
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - base
+        gc.collect()
+        self.trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+        base = _status_kib("VmRSS")
+        fn()
+        return (_status_kib("VmHWM") - base) * 1024
+
+
+def _status_kib(field: str) -> int:
+    return int(re.search(rf"^{field}:\s+(\d+)", Path("/proc/self/status").read_text(), re.MULTILINE).group(1))
+
+
+def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Parameters plus optimizer state: what stays resident between steps (gradients are set to None)."""
+    tensors = list(model.parameters())
+    tensors += [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# ---------------------------------------------------------------- the training step
+
+def adamw(model: torch.nn.Module, fused: bool) -> torch.optim.AdamW:
+    """The recipe's AdamW (train/optim.py's groups and betas) with the fused kernel on or off explicitly:
+    ``build_optimizer`` only fuses on CUDA, and the ablation measures it wherever torch has it."""
+    return torch.optim.AdamW(param_groups(model, 0.1), lr=6e-4, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+
+
+def autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def bare_step(model, forward, optimizer, x, y, autocast_context) -> None:
+    """Forward, backward, clip to 1.0, AdamW: the step of the reference loop, nothing around it."""
+    with autocast_context():
+        _, loss = forward(x, y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+@contextlib.contextmanager
+def tf32_mode(device: torch.device, enabled: bool):
+    """TF32 matmuls on or off for one block (global state, so set around each row's timing)."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

@@ -1,0 +1,79 @@
+"""GPU memory: peak memory and the largest micro-batch that fits, per GPT-2 size."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..model import GPT, preset_config
+from .measure import VOCAB, adamw, autocast, bare_step, failure, free_memory, state_bytes
+from .options import BenchOptions
+
+log = logging.getLogger("gpt2forge.bench")
+
+
+MEMORY_PRESETS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+MEMORY_SEQ_LEN = 1024
+MEMORY_MAX_BATCH = 512
+
+
+def largest_fitting(fits, limit: int) -> int:
+    """Largest n in 1..limit with ``fits(n)`` (0 if none), for a monotone ``fits``: doubling, then bisection."""
+    lo, hi, n = 0, limit + 1, 1  # lo fits (or is 0); hi does not (or is past the limit)
+    while n < hi:
+        if not fits(n):
+            hi = n
+            break
+        lo, n = n, 2 * n
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def run_memory(opts: BenchOptions, device: torch.device) -> dict:
+    """Per GPT-2 size: peak memory at the bench's micro-batch and the largest micro-batch that fits (T=1024)."""
+    if device.type != "cuda":
+        return {"reason": "GPU only: a GPU has a fixed memory budget that bounds the micro-batch; on a CPU the "
+                          "batch is bounded by host RAM and time, and RSS is measured per ablation row instead"}
+    rows = []
+    for preset in MEMORY_PRESETS:
+        log.info("memory: %s", preset)
+        try:
+            rows.append(measure_preset(preset, opts.batch_size, device))
+        except torch.cuda.OutOfMemoryError as error:  # not even the weights and AdamW state fit
+            rows.append({"preset": preset, "reason": failure(error)})
+        free_memory(device)
+    return {"seq_len": MEMORY_SEQ_LEN, "limit": MEMORY_MAX_BATCH, "rows": rows,
+            "how": "eager (no compile: a search recompiles per shape), bf16 autocast, flash SDPA, vocab 50304, "
+                   "fused AdamW; one full training step per try",
+            "gpu_memory_gib": round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)}
+
+
+def measure_preset(preset: str, batch_size: int, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    model = GPT(preset_config(preset, vocab_multiple=128)).to(device)
+    optimizer = adamw(model, fused=True)
+    peaks = {}  # micro-batch → peak GiB
+
+    def fits(b: int) -> bool:
+        x = torch.randint(0, VOCAB, (b, MEMORY_SEQ_LEN), device=device)
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            bare_step(model, model, optimizer, x, x, lambda: autocast(device, True))
+            torch.cuda.synchronize(device)
+        except torch.cuda.OutOfMemoryError:
+            optimizer.zero_grad(set_to_none=True)
+            return False
+        finally:
+            free_memory(device)
+        peaks[b] = torch.cuda.max_memory_allocated(device) / 2**30
+        return True
+
+    largest = largest_fitting(fits, MEMORY_MAX_BATCH)
+    if batch_size <= largest and batch_size not in peaks:
+        fits(batch_size)
+    return {"preset": preset, "params_m": model.num_params() / 1e6, "state_gib": state_bytes(model, optimizer) / 2**30,
+            "largest_batch": largest, "peak_gib_at_largest": peaks.get(largest), "batch_size": batch_size,
+            "peak_gib_at_batch_size": peaks.get(batch_size), "reason": None if largest else "not even B=1 fits"}
