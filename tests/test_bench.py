@@ -81,3 +81,13 @@ def test_bad_options_are_user_errors(capsys):
     assert "unknown section(s) speed" in capsys.readouterr().err
     assert cli.main(["bench", "--preset", "tiny", "--seq-len", "4096"]) == 2
     assert "exceeds the context length" in capsys.readouterr().err
+
+
+def test_rows_are_compared_on_the_same_quiet_rounds():
+    from gpt2forge.bench.ablation import same_rounds
+    from gpt2forge.bench.measure import spread
+
+    samples = {"a": [(100.0, 0.0), (300.0, 0.0), (110.0, None)], "b": [(50.0, 0.0), (52.0, 0.9), (54.0, 0.1)]}
+    marked = same_rounds(samples)  # round 2 was contended for b, so it counts as contended for a too
+    assert [spread(v)["quiet"] for v in marked.values()] == [2, 2]
+    assert spread(marked["a"])["median"] == 105.0 and spread(marked["b"])["median"] == 52.0

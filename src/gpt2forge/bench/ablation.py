@@ -140,8 +140,17 @@ def run_ablation(opts: BenchOptions, device: torch.device) -> dict:
         if r:
             log.info("ablation round %d/%d: %s", r, opts.repeats,
                      ", ".join(f"{row['key']} {samples[row['key']][-1][0]:.0f} ms" for row, _ in live))
+    samples = same_rounds({row["key"]: samples[row["key"]] for row, _ in live})
     profile = profile_table(live[-1][1].step, device) if opts.profile and live else None
     return summarise_ablation(opts, device, rows, samples, memory.reason, profile)
+
+
+def same_rounds(samples: dict[str, list]) -> dict[str, list]:
+    """Give every row's timing of a round the round's worst contention, so that all rows' medians come from the
+    same rounds: a round counts as quiet only if it was quiet for every row."""
+    rounds = zip(*samples.values())
+    worst = [max((others or 0.0) for _, others in timings) for timings in rounds]
+    return {key: [(ms, w) for (ms, _), w in zip(timings, worst)] for key, timings in samples.items()}
 
 
 def summarise_ablation(opts, device, rows, samples, memory_reason, profile) -> dict:

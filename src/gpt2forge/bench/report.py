@@ -6,7 +6,7 @@ from .measure import QUIET_CORES
 from .options import SECTIONS, TARGET_MFU, TARGETS
 
 ABLATION_HEADER = (
-    "| # | configuration | ms/step | min–max | quiet rounds | tokens/s | TFLOP/s | MFU | peak MiB | first step s "
+    "| # | configuration | ms/step | min–max | quiet rounds used | tokens/s | TFLOP/s | MFU | peak MiB | first step s "
     "| speed-up | A100 ref. ms (speed-up) | note |"
 )
 
@@ -42,9 +42,9 @@ def ablation_markdown(a: dict) -> list[str]:
         f"## Ablation: `{a['preset']}`, B={a['batch_size']}, T={a['seq_len']} ({a['tokens_per_step']:,} tokens/step)",
         "",
         (f"Each row adds its optimization to all above. The rows are built first, then timed in alternation for "
-         f"{a['rounds']} rounds of {a['steps_per_round']} steps, so foreign load hits them alike; ms/step is the "
-         f"median of the *quiet* rounds (other processes kept < {QUIET_CORES} cores busy, from /proc/stat; all "
-         "rounds when none was quiet), min–max over all rounds."),
+         f"{a['rounds']} rounds of {a['steps_per_round']} steps, so foreign load hits them alike. ms/step is the "
+         f"median over the *quiet* rounds — those in which other processes kept < {QUIET_CORES} cores busy during "
+         "every row's block (from /proc/stat); all rounds when none was — and min–max is over all rounds."),
         "",
         ABLATION_HEADER,
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
