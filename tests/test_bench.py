@@ -5,7 +5,8 @@ import json
 import pytest
 
 from gpt2forge import bench, cli
-from gpt2forge.bench.ablation import STAGES
+from gpt2forge.bench.ablation import STAGES, same_rounds
+from gpt2forge.bench.measure import spread
 from gpt2forge.bench.memory import largest_fitting
 
 
@@ -84,9 +85,6 @@ def test_bad_options_are_user_errors(capsys):
 
 
 def test_rows_are_compared_on_the_same_quiet_rounds():
-    from gpt2forge.bench.ablation import same_rounds
-    from gpt2forge.bench.measure import spread
-
     samples = {"a": [(100.0, 0.0), (300.0, 0.0), (110.0, None)], "b": [(50.0, 0.0), (52.0, 0.9), (54.0, 0.1)]}
     marked = same_rounds(samples)  # round 2 was contended for b, so it counts as contended for a too
     assert [spread(v)["quiet"] for v in marked.values()] == [2, 2]
