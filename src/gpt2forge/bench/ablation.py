@@ -96,6 +96,8 @@ class Contender:
 
 def run_ablation(opts: BenchOptions, device: torch.device) -> dict:
     """Build every runnable row, warm each up (compile time recorded), then time them in alternation."""
+    from torch._inductor import config as inductor_config  # ~1 s to import: only when measuring
+
     generator = torch.Generator().manual_seed(0)
     shape = (opts.batch_size, opts.seq_len)
     batch = tuple(torch.randint(0, VOCAB, shape, generator=generator).to(device) for _ in range(2))
@@ -112,7 +114,8 @@ def run_ablation(opts: BenchOptions, device: torch.device) -> dict:
                  " (compiling)" if settings["compile"] else "")
         try:
             contender = Contender(settings, opts.preset, device, batch)
-            first_ms, _ = timed(contender.step, 1, device)
+            with inductor_config.patch(force_disable_caches=True):  # a cold compile, the same in every run
+                first_ms, _ = timed(contender.step, 1, device)
             timed(contender.step, 1, device)  # a second warm-up: allocator, autotuning
             row["first_step_s"] = round(first_ms / 1000, 2)
             row["state_mib"] = state_bytes(contender.model, contender.optimizer) / 2**20
@@ -169,6 +172,7 @@ def summarise_ablation(opts, device, rows, samples, memory_reason, profile) -> d
         row["mfu"] = row["tflops"] * 1e12 / peak if peak else None
         row["peak_mib"] = None if row["step_peak_mib"] is None else row["state_mib"] + row["step_peak_mib"]
         row["speedup"] = base["ms_per_step"] / ms  # the base row comes first, so it is summarised already
+        row["compile_s"] = row["first_step_s"] - ms / 1000 if row["settings"]["compile"] else None
     if device.type == "cuda":
         mfu_reason = None if peak else f"peak FLOP/s of {torch.cuda.get_device_name(device)} unknown (device.py)"
         memory_how = ("max_memory_allocated during one step minus what was allocated before it, plus the row's "
