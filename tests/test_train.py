@@ -1,6 +1,7 @@
 """The training loop: exact resume, fault handling, checkpoint retention, distributed equivalence, bad input."""
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -80,6 +81,9 @@ def test_checkpoints_are_complete_and_only_the_last_k_kept(data_dir, tmp_path):
     assert not list(result.run_dir.glob("*.tmp"))
     for piece in ckpt.PIECES:
         assert (kept[-1] / piece).is_file()
+    evals = json.loads((kept[-1] / "eval.json").read_text())  # val_every=4 falls on step 8
+    assert evals["step"] == 8 and evals["val_loss"] == result.val_loss
+    assert not (kept[-2] / "eval.json").exists()
     for name in ("config.toml", "run.json", "metrics.csv", "train.log"):
         assert (result.run_dir / name).is_file()
 
@@ -267,3 +271,14 @@ def test_validation_hellaswag_and_sampling_work_with_compile_on(data_dir, tmp_pa
     assert [r["step"] for r in evals] == ["0", "2"]
     assert all(0.0 <= float(r["hellaswag_acc_norm"]) <= 1.0 for r in evals)
     assert "sample 0: Hello, I'm a language model," in caplog.text
+
+
+def test_tensorboard_receives_the_metrics(data_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = train(config(data_dir, tmp_path, **{"log.tensorboard": True, "train.max_steps": 4}))
+    events = EventAccumulator(str(result.run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
+    assert [e.step for e in events.Scalars("val_loss")] == [0, 4]
+    assert events.Scalars("loss")[-1].value == pytest.approx(result.losses[4])

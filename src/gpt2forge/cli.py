@@ -25,6 +25,14 @@ COMMANDS: dict[str, tuple[str, str]] = {  # name: (module, one-line help)
 }
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer ≥ 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def build_parser(command: str) -> argparse.ArgumentParser:
     module_name, help_text = COMMANDS[command]
     parser = argparse.ArgumentParser(prog=f"gpt2forge {command}", description=help_text)

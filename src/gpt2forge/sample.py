@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import torch
 
+from .cli import positive_int
 from .errors import UserError
 from .model import GPT
 from .tokenizer import Tokenizer
@@ -79,20 +80,14 @@ def print_samples(model: GPT, tokenizer: Tokenizer, prompt: str, num_samples: in
     return texts
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint dir, run dir, Hugging Face dir, or hub name (online)")
     parser.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
-    parser.add_argument("--num-samples", type=_positive_int, default=1)
-    parser.add_argument("--max-new-tokens", type=_positive_int, default=100)
+    parser.add_argument("--num-samples", type=positive_int, default=1)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=100)
     parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=_positive_int, default=None)
+    parser.add_argument("--top-k", type=positive_int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, …")

@@ -18,27 +18,22 @@ import re
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..cli import positive_int
 from ..errors import UserError
 
 DTYPES = ("fp32", "bf16")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint dir, run dir, Hugging Face dir, or hub name (online)")
     parser.add_argument("--data", help="token shard directory: the validation loss uses its *_val_*.bin shards")
-    parser.add_argument("--val-tokens", type=_positive_int, help="evaluate at most this many val tokens (default: all)")
+    parser.add_argument("--val-tokens", type=positive_int, help="evaluate at most this many val tokens (default: all)")
     parser.add_argument("--hellaswag", action="store_true", help="score HellaSwag (downloaded once into ~/.cache/gpt2forge)")
     parser.add_argument("--hellaswag-file", help="local hellaswag_val.jsonl (for offline use; implies --hellaswag)")
-    parser.add_argument("--limit", type=_positive_int, help="score only the first N HellaSwag rows")
-    parser.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per forward pass (default 16)")
-    parser.add_argument("--seq-len", type=_positive_int, help="val sequence length (default: the model's context)")
+    parser.add_argument("--limit", type=positive_int, help="score only the first N HellaSwag rows")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="sequences per forward pass (default 16)")
+    parser.add_argument("--seq-len", type=positive_int, help="val sequence length (default: the model's context)")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, …")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="fp32, or bf16 autocast")
     parser.add_argument("--out", help="JSON results file (default: eval.json in our checkpoint dir; else print only)")

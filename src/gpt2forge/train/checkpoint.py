@@ -6,7 +6,8 @@
 - ``optimizer.pt``: the AdamW state (tensors and numbers only: loads with ``weights_only=True``),
 - ``train_state.json``: step, tokens seen, loader position, world size, elapsed time,
 - ``rng.pt``: the torch RNG states of every rank,
-- ``config.toml``: the resolved run config.
+- ``config.toml``: the resolved run config,
+- ``eval.json``: the validation loss / HellaSwag results of this step, when an evaluation fell on it.
 
 The directory is written as ``step-000123.tmp``, every file fsynced, then renamed: a directory without the
 suffix is complete by construction, and a crash mid-save leaves the previous checkpoint untouched. The run
@@ -72,6 +73,7 @@ class Checkpoint:
     train_state: dict
     rng_states: list[dict]
     config_toml: str
+    evals: dict | None = None  # validation / HellaSwag results at this step, saved as eval.json
 
 
 def save_checkpoint(run_dir: Path, step: int, ckpt: Checkpoint, keep_last: int) -> Path:
@@ -85,6 +87,8 @@ def save_checkpoint(run_dir: Path, step: int, ckpt: Checkpoint, keep_last: int) 
     torch.save({"ranks": ckpt.rng_states}, tmp / "rng.pt")
     (tmp / "train_state.json").write_text(json.dumps(ckpt.train_state, indent=2) + "\n")
     (tmp / "config.toml").write_text(ckpt.config_toml)
+    if ckpt.evals:
+        (tmp / "eval.json").write_text(json.dumps(ckpt.evals, indent=2) + "\n")
     _fsync_tree(tmp)
     if final.exists():  # re-saving the same step (e.g. a stop signal right after a periodic save)
         shutil.rmtree(final)

@@ -167,6 +167,7 @@ class Trainer:
         self.step = 0
         self.elapsed_s = 0.0  # training time over all launches, for throughput and ETA
         self.bad_steps = 0
+        self.last_evals: dict = {}  # the newest evaluation results, saved with a checkpoint of the same step
 
     def setup_data(self) -> None:
         c = self.config
@@ -277,7 +278,9 @@ class Trainer:
                 "bad_steps": self.bad_steps,
                 "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
-            checkpoint = ckpt.Checkpoint(model_state, self.model.config, optim_state, train_state, rng_states, to_toml(self.config))
+            evals = self.last_evals if self.last_evals.get("step") == self.step else None
+            checkpoint = ckpt.Checkpoint(model_state, self.model.config, optim_state, train_state, rng_states,
+                                         to_toml(self.config), evals)
             path = ckpt.save_checkpoint(self.run_dir, self.step, checkpoint, self.config.checkpoint.keep_last)
             log.info("saved checkpoint %s", path)
         self.accelerator.wait_for_everyone()
@@ -450,7 +453,8 @@ class Trainer:
         evals = self.evaluate()
         if not evals:
             return None
-        self.log_row({"step": self.step, "tokens": self.step * self.config.train.total_batch_tokens, **evals})
+        self.last_evals = {"step": self.step, "tokens": self.step * self.config.train.total_batch_tokens, **evals}
+        self.log_row(self.last_evals)
         if self.is_main:
             log.info("step %d | %s", self.step, " | ".join(f"{k} {v:.4f}" for k, v in evals.items()))
         return evals.get("val_loss")
