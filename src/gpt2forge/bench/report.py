@@ -62,7 +62,8 @@ def ablation_markdown(a: dict) -> list[str]:
     lines += [
         f"- peak memory: {a['memory']}.",
         ("- compile s: the first step's time minus a timed step's, i.e. compiling forward and backward "
-         "from cold (inductor's caches are off for it; the JSON keeps every row's first-step time)."),
+         "from cold (inductor's caches are off for it). A row whose model is an earlier row's (+ fused AdamW changes "
+         "only the optimizer) reuses that compiled graph: ~0 s. The JSON keeps every row's first-step time."),
         f"- reference: {a['reference']}.",
     ]
     if a.get("profile"):
