@@ -48,8 +48,9 @@ def device_kind(device: torch.device) -> str:
 
 
 def describe_hardware(device: torch.device) -> dict:
-    info = {"device": str(device), "cpu": cpu_model(), "cores_available": len(os.sched_getaffinity(0)),
-            "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+    info = {"device": str(device), "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cores_available": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform()}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
