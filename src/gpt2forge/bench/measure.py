@@ -28,12 +28,24 @@ QUIET_CORES = 0.25  # a timing counts as uncontended when other processes kept f
 
 # ---------------------------------------------------------------- the machine
 
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # what CPU fp32/bf16 matmuls can use
+
+
 def cpu_model() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def cpu_features() -> list[str]:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return [f for f in CPU_FEATURES if f in flags]
+    return []
 
 
 def device_kind(device: torch.device) -> str:
@@ -49,6 +61,7 @@ def device_kind(device: torch.device) -> str:
 
 def describe_hardware(device: torch.device) -> dict:
     info = {"device": str(device), "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_features": cpu_features(),
             "cores_available": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
             "platform": platform.platform()}
     if device.type == "cuda":

@@ -150,8 +150,9 @@ def to_markdown(result: dict) -> str:
         "",
         f"- command: `{result['command']}`",
         f"- when: {result['time']}; total {result['seconds']:.0f} s{' (--quick mode)' if quick else ''}",
-        (f"- hardware: {hw.get('gpu') or 'CPU only'}; host CPU {hw['cpu']} (torch CPU capability "
-         f"{hw['cpu_capability']}), {hw['cores_available']} cores available, {hw['torch_threads']} torch threads"),
+        (f"- hardware: {hw.get('gpu') or 'CPU only'}; host CPU {hw['cpu']} ({' '.join(hw['cpu_features'])}; torch "
+         f"capability {hw['cpu_capability']}), {hw['cores_available']} cores available, {hw['torch_threads']} torch "
+         "threads"),
         "- versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
         "",
     ]
