@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,16 @@ from gpt2forge.model import GPT, GPTConfig
 
 HELLASWAG_SAMPLE = Path(__file__).parent / "data" / "hellaswag_val_head64.jsonl"
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=64)
+
+
+@pytest.fixture(autouse=True)
+def _restore_train_logger():
+    """Commands install a console handler on the training logger (and stop propagation); undo it per test so
+    that ``caplog`` in later tests sees the records."""
+    log = logging.getLogger("gpt2forge.train")
+    saved = (log.handlers[:], log.level, log.propagate)
+    yield
+    log.handlers[:], log.level, log.propagate = saved
 
 
 @pytest.fixture

@@ -20,8 +20,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: torch.nn.Module, optim: OptimSection, device_type: str) -> torch.optim.AdamW:
-    """AdamW, fused into one kernel per step when asked and the device supports it (CUDA)."""
-    fused = optim.fused and device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    """AdamW, fused into one kernel per step when asked and the device supports it (CUDA and CPU)."""
+    fused = optim.fused and device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
     return torch.optim.AdamW(
         param_groups(model, optim.weight_decay),
         lr=optim.lr,
