@@ -30,19 +30,18 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import resource
 import statistics
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 
 from gpt2forge.data.prepare import TOKEN_DTYPE, prepare
+from gpt2forge.device import cpu_model, library_versions
 from gpt2forge.data.shards import open_shard, write_shard
 from gpt2forge.data.sources import FileSource, embedded_documents
 from gpt2forge.tokenizer import EOT_TOKEN, get_tokenizer
@@ -211,16 +210,6 @@ def summarize(runs: list[Run]) -> dict:
 
 # ---------------------------------------------------------------- the benchmark
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _ours(parquet: Path, out: Path, workers: int) -> tuple[int, np.ndarray]:
     prepare(FileSource([str(parquet)]), out, shard_size=SHARD_SIZE, val_tokens=0, workers=workers, progress=False)
     tokens = np.concatenate([open_shard(p) for p in sorted(out.glob("*_train_*.bin"))])
@@ -278,10 +267,9 @@ def run_prepare_benchmark(
     return {
         "benchmark": "prepare tokenization throughput (tokens/s: best uncontended run of the repeats)",
         "command": " ".join([Path(sys.executable).name, *sys.argv]) if sys.argv[0] else "run_prepare_benchmark()",
-        "hardware": {"cpu": _cpu_model(), "cores_available": cores, "logical_cpus": os.cpu_count(),
+        "hardware": {"cpu": cpu_model(), "cores_available": cores, "logical_cpus": os.cpu_count(),
                      "load_average_before": load_before, "load_average_after": os.getloadavg()},
-        "versions": {"python": platform.python_version(),
-                     **{p: version(p) for p in ("gpt2forge", "tiktoken", "numpy", "datasets", "pyarrow")}},
+        "versions": library_versions(),
         "text": {"source": f"embedded corpus (pydoc topics + stdlib source) cut into ~{doc_chars}-char documents"
                            + (f", {copies} copies" if copies > 1 else ""),
                  "documents": len(docs), "characters": sum(map(len, docs)), "tokens": len(baseline_tokens),

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import platform
+from importlib import metadata
+from pathlib import Path
 
 import torch
 
@@ -56,19 +60,53 @@ def peak_flops(device: torch.device | str) -> float | None:
     return None
 
 
-def hardware_summary() -> dict:
-    """Hardware and library versions, recorded with every run and benchmark."""
-    import numpy
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # what CPU fp32/bf16 matmuls can use
+PACKAGES = ("gpt2forge", "torch", "numpy", "accelerate", "tiktoken", "safetensors", "datasets", "pyarrow", "triton")
 
+
+def _cpuinfo_field(name: str) -> str | None:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(name):
+                return line.split(":", 1)[1].strip()
+    return None
+
+
+def cpu_model() -> str:
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+def cpu_features() -> list[str]:
+    flags = set((_cpuinfo_field("flags") or "").split())
+    return [f for f in CPU_FEATURES if f in flags]
+
+
+def hardware_summary(device: torch.device | str | None = None) -> dict:
+    """The machine, recorded with every run, evaluation and benchmark."""
     info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
+        "cpu": cpu_model(),
+        "cpu_features": cpu_features(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_threads": torch.get_num_threads(),
-        "cuda": torch.version.cuda,
     }
+    if device is not None:
+        info["device"] = str(device)
     if torch.cuda.is_available():
+        info["cuda"] = torch.version.cuda
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if device is not None and torch.device(device).type == "cuda":
+            props = torch.cuda.get_device_properties(device)
+            info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                        compute_capability=f"{props.major}.{props.minor}")
     return info
+
+
+def library_versions() -> dict:
+    """Python and the versions of the libraries that decide results and speed (those installed)."""
+    versions = {"python": platform.python_version()}
+    for package in PACKAGES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[package] = metadata.version(package)
+    return versions

@@ -34,7 +34,8 @@ import torch
 
 from .ablation import run_ablation
 from .data import run_loader, run_prepare, write_random_shards
-from .measure import LoadMeter, describe_hardware, device_kind, free_memory, library_versions
+from ..device import hardware_summary, library_versions
+from .measure import LoadMeter, device_kind, free_memory
 from .memory import run_memory
 from .options import SECTIONS, TARGETS, BenchOptions, add_arguments, resolve_options
 from .overhead import run_overhead
@@ -51,7 +52,7 @@ def run_bench(opts: BenchOptions) -> dict:
     started = time.monotonic()
     result = {
         "benchmark": "gpt2forge bench", "command": opts.command(), "device_kind": device_kind(device),
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "hardware": describe_hardware(device),
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "hardware": hardware_summary(device),
         "versions": library_versions(), "settings": {**asdict(opts), "out": str(opts.out)}, "targets": TARGETS,
         "load": {},
     }

@@ -10,11 +10,9 @@ import contextlib
 import ctypes
 import gc
 import os
-import platform
 import re
 import statistics
 import time
-from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -28,26 +26,6 @@ QUIET_CORES = 0.25  # a timing counts as uncontended when other processes kept f
 
 # ---------------------------------------------------------------- the machine
 
-CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # what CPU fp32/bf16 matmuls can use
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def cpu_features() -> list[str]:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return [f for f in CPU_FEATURES if f in flags]
-    return []
-
-
 def device_kind(device: torch.device) -> str:
     """Short name for result files: ``cpu``, ``h100``, ``a100``, … (falls back to the full GPU name)."""
     if device.type != "cuda":
@@ -57,26 +35,6 @@ def device_kind(device: torch.device) -> str:
         if key in name:
             return key.lower().replace(" ", "-")
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def describe_hardware(device: torch.device) -> dict:
-    info = {"device": str(device), "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpu_features": cpu_features(),
-            "cores_available": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform()}
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                    compute_capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda)
-    return info
-
-
-def library_versions() -> dict:
-    versions = {"python": platform.python_version()}
-    for package in ("gpt2forge", "torch", "numpy", "accelerate", "tiktoken", "triton"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            versions[package] = metadata.version(package)
-    return versions
 
 
 class LoadMeter:

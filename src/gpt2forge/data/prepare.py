@@ -41,7 +41,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..device import library_versions
 from ..errors import UserError
+from ..files import atomic_write_json
 from ..tokenizer import BPE_SHA256, ENCODER_SHA256, EOT_TOKEN, get_tokenizer
 from .shards import (
     MANIFEST_NAME,
@@ -52,7 +54,6 @@ from .shards import (
     read_header,
     read_manifest,
     shard_name,
-    write_json_atomic,
     write_shard,
 )
 from .sources import TXT_UNITS, DocBatch, EmbeddedSource, FileSource, HubSource, Source, documents
@@ -293,7 +294,7 @@ def _differences(old: dict, new: dict) -> list[str]:
 
 def _leftovers(out: Path) -> list[Path]:
     """Temporary files of writes that were interrupted."""
-    return [*out.glob("*.bin.tmp"), *out.glob(MANIFEST_NAME + ".tmp")]
+    return [*out.glob("*.bin.tmp"), *out.glob(f".{MANIFEST_NAME}.*.tmp")]
 
 
 def _remove_outputs(out: Path) -> None:
@@ -386,14 +387,7 @@ def _save(manifest: dict, out: Path) -> None:
         "documents": sum(s["documents"] for s in shards),
         "shards": len(shards),
     }
-    write_json_atomic(out / MANIFEST_NAME, manifest)
-
-
-def _versions() -> dict:
-    from importlib.metadata import version
-
-    packages = {name: version(name) for name in ("gpt2forge", "datasets", "tiktoken", "pyarrow", "numpy")}
-    return {"python": sys.version.split()[0], **packages}
+    atomic_write_json(out / MANIFEST_NAME, manifest, indent=1)
 
 
 # ---------------------------------------------------------------- the pipeline
@@ -444,7 +438,7 @@ def prepare(
     tokenizer = get_tokenizer(vocab_dir)  # built before forking, so that workers inherit it
     if tokenizer.n_vocab > np.iinfo(TOKEN_DTYPE).max + 1:
         raise UserError(f"a vocabulary of {tokenizer.n_vocab:,} tokens does not fit uint16 shards")
-    manifest["created_by"] = _versions()
+    manifest["created_by"] = library_versions()
     done = sum(s["tokens"] for s in manifest["shards"])
     start = manifest["shards"][-1]["end"] if manifest["shards"] else {"row": 0, "token": 0}
     if manifest["shards"]:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..files import fsync_dir
 
 MAGIC = 20240520
 VERSION = 1
@@ -35,34 +36,9 @@ class ShardError(UserError):
     """A shard file that is missing, truncated or not in the expected format."""
 
 
-def fsync_dir(directory: Path) -> None:
-    """Make a rename inside ``directory`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def shard_name(prefix: str, split: str, index: int) -> str:
     """The llm.c-style file name of shard ``index`` (indices run on across splits: val 0, train 1, 2, …)."""
     return f"{prefix}_{split}_{index:06d}.bin"
-
-
-def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
-    """Replace ``path`` with ``data`` as JSON so that readers only ever see the old or the new whole file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def read_manifest(directory: str | os.PathLike) -> dict | None:

@@ -78,18 +78,6 @@ def training_position(checkpoint: Path | None) -> tuple[int | None, int | None]:
         return (int(match.group(1)) if match else None), None
 
 
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    from ..device import hardware_summary
-
-    try:
-        ours = version("gpt2forge")
-    except PackageNotFoundError:
-        ours = None
-    return {"gpt2forge": ours, **hardware_summary()}
-
-
 def format_table(results: dict) -> str:
     lines = [f"model      {results['model']}" + (f" (step {results['step']})" if results["step"] is not None else "")]
     if "val" in results:
@@ -116,7 +104,7 @@ def _write_json(path: Path, results: dict) -> None:
 def run(args: argparse.Namespace) -> dict:
     import torch
 
-    from ..device import device_name, pick_device
+    from ..device import device_name, hardware_summary, library_versions, pick_device
     from ..weights import load_model
     from .hellaswag import evaluate_hellaswag, load_hellaswag
 
@@ -142,7 +130,7 @@ def run(args: argparse.Namespace) -> dict:
             "device": device_name(device),
             "dtype": args.dtype,
             "world_size": world_size,
-            "versions": _versions(),
+            "versions": library_versions(), "hardware": hardware_summary(device),
         }
         if args.data is not None:
             results["val"] = _val_loss(model, args, device, autocast, rank, world_size)

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from ..data.shards import fsync_dir
 from ..errors import UserError
+from ..files import atomic_write_text, fsync_dir
 from ..model import GPTConfig
 from ..weights import LATEST, MODEL_FILE, save_weights
 
@@ -51,16 +51,6 @@ def _fsync_tree(directory: Path) -> None:
         with open(path, "rb") as f:
             os.fsync(f.fileno())
     fsync_dir(directory)
-
-
-def write_atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 @dataclass
@@ -94,7 +84,7 @@ def save_checkpoint(run_dir: Path, step: int, ckpt: Checkpoint, keep_last: int) 
         shutil.rmtree(final)
     os.replace(tmp, final)
     fsync_dir(run_dir)
-    write_atomic_text(run_dir / LATEST, final.name + "\n")
+    atomic_write_text(run_dir / LATEST, final.name + "\n")
     for old in complete_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final

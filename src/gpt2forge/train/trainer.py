@@ -33,10 +33,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .. import __version__
 from ..config import Config, grad_accum_steps, load_config, to_toml
 from ..data.loader import TokenLoader, val_batches
-from ..device import hardware_summary, peak_flops
+from ..device import hardware_summary, library_versions, peak_flops
 from ..errors import UserError
 from ..model import GPT
 from . import checkpoint as ckpt
@@ -201,11 +200,11 @@ class Trainer:
         record["launches"].append({
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": sys.argv,
-            "gpt2forge": __version__,
+            "versions": library_versions(),
             "resumed_from": str(self.resume_from) if self.resume_from else None,
             "world_size": self.world_size,
             "device": str(self.device),
-            "hardware": hardware_summary(),
+            "hardware": hardware_summary(self.device),
         })
         record_path.write_text(json.dumps(record, indent=2) + "\n")
         n_params = self.model.num_params()
