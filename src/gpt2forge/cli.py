@@ -33,6 +33,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+def token_count(text: str) -> int:
+    """An argparse type: a whole, non-negative number of tokens, like 1000, 100_000_000, 1e8, 250K, 100M, 10B."""
+    scale = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}.get(text[-1:].upper(), 1)
+    try:
+        value = float(text[:-1] if scale > 1 else text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a count: {text!r} (e.g. 1000, 1e8, 250K, 100M)") from None
+    if value < 0 or value * scale != int(value * scale):
+        raise argparse.ArgumentTypeError(f"not a whole, non-negative count: {text!r}")
+    return int(value * scale)
+
+
 def build_parser(command: str) -> argparse.ArgumentParser:
     module_name, help_text = COMMANDS[command]
     parser = argparse.ArgumentParser(prog=f"gpt2forge {command}", description=help_text)

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cli import positive_int, token_count
 from ..device import library_versions
 from ..errors import UserError
 from ..files import atomic_write_json
@@ -557,18 +558,6 @@ def _print_verification(out: Path, results: list[tuple[str, str | None]]) -> Non
 # ---------------------------------------------------------------- command line
 
 
-def _count(text: str) -> int:
-    """A token count: 1000, 100_000_000, 1e8, 250K, 100M, 10B."""
-    scale = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}.get(text[-1:].upper(), 1)
-    try:
-        value = float(text[:-1] if scale > 1 else text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a count: {text!r} (e.g. 1000, 1e8, 250K, 100M)") from None
-    if value < 0 or value * scale != int(value * scale):
-        raise argparse.ArgumentTypeError(f"not a whole, non-negative count: {text!r}")
-    return int(value * scale)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         f"Without a source option, prepares {DEFAULT_DATASET} ({DEFAULT_CONFIG}). Re-running the same command "
@@ -590,17 +579,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep rows with --score-column ≥ this (FineWeb-Edu kept int_score ≥ 3)")
     parser.add_argument("--score-column", default="int_score",
                         help="column --min-score reads (default int_score = round(score), FineWeb-Edu's)")
-    parser.add_argument("--max-tokens", type=_count, help="stop after this many tokens (the last shard is partial)")
-    parser.add_argument("--shard-size", type=_count,
+    parser.add_argument("--max-tokens", type=token_count, help="stop after this many tokens (the last shard is partial)")
+    parser.add_argument("--shard-size", type=token_count,
                         help=f"tokens per shard (default {DEFAULT_SHARD_SIZE:,}; "
                         f"{EMBEDDED_SHARD_SIZE:,} with --embedded)")
-    parser.add_argument("--val-tokens", type=_count,
+    parser.add_argument("--val-tokens", type=token_count,
                         help=f"tokens in the validation split, taken first (default one shard; "
                         f"{EMBEDDED_VAL_TOKENS:,} with --embedded)")
     parser.add_argument("--prefix",
                         help="shard file name prefix (default from the source: fineweb-edu, embedded, local)")
     parser.add_argument("--out", help="output directory, e.g. data/fineweb-edu-10B")
-    parser.add_argument("--workers", type=int, default=default_workers(),
+    parser.add_argument("--workers", type=positive_int, default=default_workers(),
                         help="tokenizer processes (default: the cores available)")
     parser.add_argument("--overwrite", action="store_true", help="delete the shards and manifest already in --out")
     parser.add_argument("--vocab-dir",
@@ -628,8 +617,8 @@ def run(args: argparse.Namespace) -> None:
         return
     if not args.out:
         raise UserError("--out DIR is required (where the shards go), e.g. --out data/fineweb-edu-10B")
-    if args.workers < 1 or args.shard_size == 0 or args.max_tokens == 0:
-        raise UserError("--workers, --shard-size and --max-tokens must be at least 1")
+    if args.shard_size == 0 or args.max_tokens == 0:
+        raise UserError("--shard-size and --max-tokens must be at least 1")
     source, prefix = source_from_args(args)
     shard_size = args.shard_size or (EMBEDDED_SHARD_SIZE if args.embedded else DEFAULT_SHARD_SIZE)
     val_tokens = EMBEDDED_VAL_TOKENS if args.val_tokens is None and args.embedded else args.val_tokens
