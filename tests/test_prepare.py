@@ -334,7 +334,9 @@ def test_shard_plan_splits_val_into_shards_then_train():
 
 
 def test_count_option_accepts_suffixes():
-    assert [prepare_module._count(t) for t in ("1000", "100_000", "1e8", "250K", "100M", "10B")] == [
+    from gpt2forge.cli import token_count
+
+    assert [token_count(t) for t in ("1000", "100_000", "1e8", "250K", "100M", "10B")] == [
         1000, 100_000, 10**8, 250_000, 10**8, 10**10]
     with pytest.raises(argparse.ArgumentTypeError):
-        prepare_module._count("lots")
+        token_count("lots")
