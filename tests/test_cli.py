@@ -41,6 +41,8 @@ def test_convert_hf_to_ours_and_export_back(tmp_path, hf_model_dir):
     assert main(["convert", str(hf_model_dir), str(tmp_path / "ours")]) == 0
     assert (tmp_path / "ours" / "model.safetensors").is_file()
     assert main(["export", str(tmp_path / "ours"), "--to", "hf", str(tmp_path / "hf")]) == 0
+    assert main(["export", str(hf_model_dir), str(tmp_path / "hf-again")]) == 0  # export means Hugging Face format
+    assert (tmp_path / "hf-again" / "config.json").is_file()
     assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "hf" / "merges.txt").is_file()
     idx = torch.randint(0, 50257, (1, 16))
     with torch.no_grad():
@@ -51,8 +53,7 @@ def test_convert_hf_to_ours_and_export_back(tmp_path, hf_model_dir):
 def test_every_command_has_help():
     from gpt2forge.cli import COMMANDS
 
-    for command in ("sample", "convert", "export"):
-        assert command in COMMANDS
+    for command in COMMANDS:
         result = run_cli(command, "--help")
         assert result.returncode == 0 and "usage: gpt2forge " + command in result.stdout
     result = run_cli("frobnicate")

@@ -1,22 +1,24 @@
 import pytest
 
-from gpt2forge.config import RECIPES_DIR, from_toml_text, grad_accum_steps, load_config, to_toml
+from gpt2forge.config import RECIPES_DIR, grad_accum_steps, load_config, to_toml
 from gpt2forge.errors import UserError
 
 
-def test_every_shipped_recipe_loads_and_round_trips():
+def test_every_shipped_recipe_loads_and_round_trips(tmp_path):
     recipes = sorted(RECIPES_DIR.glob("*.toml"))
     assert {p.stem for p in recipes} >= {"quickstart", "gpt2-124m-fineweb-edu-10b"}
     for path in recipes:
         config = load_config(path.stem)
         assert config.name == path.stem
-        assert from_toml_text(to_toml(config)) == config
+        saved = tmp_path / "config.toml"  # what a run directory keeps: usable again as --config
+        saved.write_text(to_toml(config))
+        assert load_config(str(saved)) == config
         config.model.gpt_config()  # the architecture builds
         grad_accum_steps(config, 1)  # and the batch arithmetic works on one process
 
 
 def test_reference_recipe_is_the_reference_run():
-    c = load_config("gpt2-124m-fineweb-edu-10b")  # ../shared/REFERENCE.md
+    c = load_config("gpt2-124m-fineweb-edu-10b")  # REFERENCE.md
     assert (c.train.total_batch_tokens, c.train.max_steps, c.train.seq_len) == (524288, 19073, 1024)
     assert (c.optim.lr, c.optim.min_lr, c.optim.warmup_steps, c.optim.weight_decay) == (6e-4, 6e-5, 715, 0.1)
     assert (c.optim.beta1, c.optim.beta2, c.optim.eps, c.optim.grad_clip) == (0.9, 0.95, 1e-8, 1.0)
@@ -43,6 +45,7 @@ def test_dotted_overrides_are_typed():
         ("--train.seq_len=4096", "exceeds the model's context length (256)"),
         ("--train.precision=fp8", "train.precision must be one of auto, bf16, fp32"),
         ("--optim.lr=-1", "optim.lr must be positive"),
+        ("--model.n_layer=0", "model.n_layer must be a positive integer, got 0"),
         ("optim.lr", "must look like --section.key=value"),
     ],
 )

@@ -46,7 +46,7 @@ class ModelSection:
     """sdpa (F.scaled_dot_product_attention: flash on GPU) or manual (explicit masked softmax, for teaching)."""
 
     def gpt_config(self) -> GPTConfig:
-        overrides = {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(self, k)}
+        overrides = {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(self, k) is not None}
         return preset_config(self.preset, vocab_size=self.vocab_size, vocab_multiple=self.vocab_multiple,
                              attention=self.attention, **overrides)
 
@@ -100,7 +100,8 @@ class TrainSection:
     precision: str = "auto"
     """bf16 (autocast), fp32, or auto: bf16 on GPUs that support it, fp32 elsewhere."""
     compile: bool = True
-    """torch.compile the model (training, evals and sampling all run compiled)."""
+    """torch.compile the model for training, validation and HellaSwag (KV-cached sampling stays eager: its shapes
+    change every token)."""
     tf32: bool = True
     """Allow TF32 matmuls on Ampere+ GPUs (fp32 runs and the fp32 parts of bf16 runs)."""
     distributed: str = "ddp"
@@ -244,7 +245,10 @@ def load_config(recipe: str | None = None, overrides: list[str] = ()) -> Config:
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
             raise UserError(f"{path}: invalid TOML: {e}") from None
-        config.name = path.stem
+        name = data.pop("name", path.stem)  # a run's saved config.toml names its run; a recipe is named by its file
+        if not isinstance(name, str):
+            raise UserError(f"{path}: top-level name must be a string, got {name!r}")
+        config.name = name or path.stem
         for section, values in data.items():
             if not isinstance(values, dict):
                 raise UserError(f"{path}: top-level key {section!r} must be a table like [{section}]")
@@ -346,14 +350,3 @@ def to_toml(config: Config) -> str:
             lines.append(f"{key} = {text}")
         lines.append("")
     return "\n".join(lines)
-
-
-def from_toml_text(text: str) -> Config:
-    """Read back a resolved config written by ``to_toml``."""
-    data = tomllib.loads(text)
-    config = Config(name=data.pop("name", ""))
-    for section, values in data.items():
-        for key, value in values.items():
-            _apply(config, section, key, value, from_text=False)
-    validate(config)
-    return config

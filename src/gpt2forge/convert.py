@@ -12,7 +12,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="checkpoint dir, run dir (its latest checkpoint), Hugging Face dir, or hub name")
     parser.add_argument("out", help="new output directory")
     parser.add_argument("--to", choices=("hf", "gpt2forge"), default=None,
-                        help="output format (default: the other one than the source's)")
+                        help="output format (convert's default: the other one than the source's; export's: hf)")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weight dtype for --to hf")
     parser.add_argument("--vocab-dir", help="folder with GPT-2's encoder.json + vocab.bpe (default: found automatically)")
 
@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> None:
     from .weights import MODEL_FILE, load_model, read_model_config, resolve_checkpoint_dir, save_model
 
     model = load_model(args.source)
-    target = args.to
+    target = args.to or ("hf" if args.command == "export" else None)
     if target is None:
         weights = resolve_checkpoint_dir(args.source) / MODEL_FILE
         target = "hf" if weights.is_file() and read_model_config(weights) is not None else "gpt2forge"

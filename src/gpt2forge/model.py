@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-EOT_TOKEN = 50256
+from .tokenizer import EOT_TOKEN
+
 IGNORE_INDEX = -100  # target value skipped by the loss (PyTorch's and Hugging Face's convention)
 ATTENTION_KINDS = ("sdpa", "manual")
 

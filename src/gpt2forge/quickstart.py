@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli import positive_int
 from .errors import UserError
 
 log = logging.getLogger("gpt2forge.train")
@@ -79,8 +80,8 @@ def quickstart(data_dir: str, out_dir: str, steps: int | None = None, workers: i
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default="data/embedded", help="where the corpus shards go (default data/embedded)")
     parser.add_argument("--out-dir", default="out", help="parent of the run directory (default out → out/quickstart)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the quickstart recipe's)")
-    parser.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the quickstart recipe's)")
+    parser.add_argument("--workers", type=positive_int, default=None, help="tokenizer processes (default: all cores)")
 
 
 def run(args: argparse.Namespace) -> None:

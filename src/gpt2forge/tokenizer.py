@@ -30,7 +30,7 @@ VOCAB_DIR_ENV = "GPT2FORGE_VOCAB_DIR"
 ENCODER_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 OPENAI_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
-EOT_TOKEN = 50256
+EOT_TOKEN = 50256  # <|endoftext|>: between documents in the training data, and where generation stops
 
 
 @dataclass(frozen=True)
@@ -118,9 +118,6 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.encoding.encode_ordinary(text)
-
-    def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
-        return self.encoding.encode_ordinary_batch(texts, num_threads=num_threads)
 
     def decode(self, tokens: list[int]) -> str:
         return self.encoding.decode(tokens, errors="replace")

@@ -140,9 +140,6 @@ class TokenLoader:
             self.step, self.micro_step = self.step + 1, 0
         return x, y
 
-    def epoch_of(self, step: int) -> float:
-        return step * self.sequences_per_step / self.sequences.total
-
     def state_dict(self) -> dict:
         return {
             "step": self.step,
@@ -180,17 +177,20 @@ def val_batches(
     world_size: int = 1,
     max_tokens: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's share of the validation batches, in order: full [B, T] batches only (fixed shapes keep
-    compiled models from recompiling), global batch ``j`` on rank ``j % world_size``; ``max_tokens`` caps the
-    total over all ranks."""
+    """This rank's share of the validation batches, in order: global batch ``j`` on rank ``j % world_size``.
+
+    Only full [B, T] batches (fixed shapes keep compiled models from recompiling), and the same number on every
+    rank (under FSDP each forward pass is a collective: a rank with one batch more would wait forever).
+    ``max_tokens`` caps the total over all ranks."""
     sequences = ShardSequences(find_shards(data_dir, "val"), seq_len)
     n_batches = sequences.total // batch_size
     if max_tokens is not None:
         n_batches = min(n_batches, max_tokens // (batch_size * seq_len))
+    n_batches -= n_batches % world_size
     if n_batches == 0:
         raise UserError(
-            f"the val shards in {data_dir} hold {sequences.total} sequences of {seq_len} tokens; one batch needs "
-            f"{batch_size} (lower the batch size{' or raise the val token budget' if max_tokens else ''})"
+            f"the val shards in {data_dir} hold {sequences.total} sequences of {seq_len} tokens; one batch per rank "
+            f"needs {batch_size * world_size} (lower the batch size{' or raise the val token budget' if max_tokens else ''})"
         )
     flat = [(s, k) for s, count in enumerate(sequences.counts) for k in range(int(count))]
     for j in range(rank, n_batches, world_size):

@@ -37,6 +37,7 @@ from ..config import Config, grad_accum_steps, load_config, to_toml
 from ..data.loader import TokenLoader, val_batches
 from ..device import hardware_summary, library_versions, peak_flops
 from ..errors import UserError
+from ..files import atomic_write_json, atomic_write_text
 from ..model import GPT
 from . import checkpoint as ckpt
 from .metrics import MetricsLogger, format_duration, step_line, truncate_metrics
@@ -112,7 +113,9 @@ class Trainer:
         from accelerate import Accelerator
 
         t = self.config.train
-        self.accelerator = Accelerator(cpu=t.device == "cpu")
+        # precision and compile are ours: never let `accelerate config` defaults (env vars set by
+        # `accelerate launch`) add a second autocast or compile behind our back
+        self.accelerator = Accelerator(cpu=t.device == "cpu", mixed_precision="no", dynamo_backend="no")
         self.device = self.accelerator.device
         if t.device not in ("auto", "cpu") and self.device.type != torch.device(t.device).type:
             raise UserError(f"train.device={t.device} requested, but accelerate placed this process on {self.device}")
@@ -140,8 +143,14 @@ class Trainer:
                 "to continue that run, or --log.run_name=NEW to start another"
             )
         self.resume_from = ckpt.find_resume_checkpoint(self.run_dir, resume) if resume is not None else None
+        self.accelerator.wait_for_everyone()  # every rank has chosen before the main one moves anything
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            if self.resume_from is not None:
+                for moved in ckpt.supersede_newer(self.run_dir, self.resume_from):
+                    log.warning("resuming from %s: the later checkpoint %s is set aside as %s",
+                                self.resume_from.name, moved.name.removesuffix(".superseded"), moved)
+        self.accelerator.wait_for_everyone()
 
     def setup_model(self) -> None:
         c = self.config
@@ -164,7 +173,8 @@ class Trainer:
         self.flops_per_token = self.model.flops_per_token(c.train.seq_len)
         self.peak_flops = peak_flops(self.device)
         self.step = 0
-        self.elapsed_s = 0.0  # training time over all launches, for throughput and ETA
+        self.elapsed_s = 0.0  # training time over all launches (logged as elapsed_s)
+        self.launch_elapsed_s = 0.0  # training time of this launch (for the ETA)
         self.bad_steps = 0
         self.last_evals: dict = {}  # the newest evaluation results, saved with a checkpoint of the same step
 
@@ -194,9 +204,13 @@ class Trainer:
             self.run_dir, tensorboard=c.log.tensorboard, wandb=c.log.wandb, wandb_project=c.log.wandb_project,
             run_name=self.run_dir.name, config=c.to_dict(),
         )
-        (self.run_dir / "config.toml").write_text(to_toml(c))
+        atomic_write_text(self.run_dir / "config.toml", to_toml(c))
         record_path = self.run_dir / "run.json"
-        record = json.loads(record_path.read_text()) if record_path.is_file() else {"launches": []}
+        try:
+            record = json.loads(record_path.read_text()) if record_path.is_file() else {"launches": []}
+        except json.JSONDecodeError:
+            log.warning("%s is unreadable; starting a new record of launches", record_path)
+            record = {"launches": []}
         record["launches"].append({
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": sys.argv,
@@ -206,7 +220,7 @@ class Trainer:
             "device": str(self.device),
             "hardware": hardware_summary(self.device),
         })
-        record_path.write_text(json.dumps(record, indent=2) + "\n")
+        atomic_write_json(record_path, record)
         n_params = self.model.num_params()
         log.info(
             "run %s | %s params | %d rank(s) on %s | %s | batch %s tokens = %d × %d × %d ranks × %d accumulation | %s",
@@ -401,6 +415,7 @@ class Trainer:
                 metrics = self.train_step()
                 dt = time.perf_counter() - t0
                 self.elapsed_s += dt
+                self.launch_elapsed_s += dt
                 result.losses[self.step] = metrics["loss"]
                 self.log_step(metrics, dt, first_step=result.step)
                 self.check_finite(metrics)
@@ -432,7 +447,7 @@ class Trainer:
         self.log_row(row)
         if self.is_main:
             steps_timed = self.step - first_step
-            eta = (c.train.max_steps - self.step) * self.elapsed_s / steps_timed if steps_timed > 1 else None
+            eta = (c.train.max_steps - self.step) * self.launch_elapsed_s / steps_timed if steps_timed > 1 else None
             log.info(step_line(row, c.train.max_steps, eta))
 
     def check_finite(self, metrics: dict) -> None:
