@@ -27,7 +27,6 @@ Usage: ``python benchmarks/bench_prepare.py [--repeats 5] [--max-wait 30]`` (abo
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import resource
@@ -40,10 +39,13 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt2forge.bench.measure import QUIET_CORES, busy_seconds
+from gpt2forge.cli import positive_int
 from gpt2forge.data.prepare import TOKEN_DTYPE, prepare
-from gpt2forge.device import cpu_model, library_versions
 from gpt2forge.data.shards import open_shard, write_shard
 from gpt2forge.data.sources import FileSource, embedded_documents
+from gpt2forge.device import hardware_summary, library_versions
+from gpt2forge.files import atomic_write_json, atomic_write_text
 from gpt2forge.tokenizer import EOT_TOKEN, get_tokenizer
 
 RESULTS = Path(__file__).parent / "results"
@@ -139,9 +141,6 @@ def limit(docs: list[str], method: str = "encode_ordinary_batch") -> tuple[int, 
 
 # ---------------------------------------------------------------- measuring on a machine others may share
 
-QUIET = 0.25  # a run counts as uncontended when other processes kept less than this many cores busy
-
-
 @dataclass
 class Run:
     tokens: int
@@ -155,15 +154,6 @@ class Run:
         return self.tokens / self.seconds
 
 
-def _machine_busy_seconds() -> float:
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    except OSError:
-        return 0.0
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
 def _cpu_seconds(who: int) -> float:
     usage = resource.getrusage(who)
     return usage.ru_utime + usage.ru_stime
@@ -171,30 +161,30 @@ def _cpu_seconds(who: int) -> float:
 
 def measure(function, *args, **kwargs) -> tuple[Run, object]:
     """Run ``function`` (which returns (tokens, result)); children must have exited when it returns."""
-    busy, start = _machine_busy_seconds(), time.perf_counter()
+    busy, start = busy_seconds(), time.perf_counter()
     main, children = _cpu_seconds(resource.RUSAGE_SELF), _cpu_seconds(resource.RUSAGE_CHILDREN)
     tokens, result = function(*args, **kwargs)
     seconds = time.perf_counter() - start
     main = _cpu_seconds(resource.RUSAGE_SELF) - main
     own = main + _cpu_seconds(resource.RUSAGE_CHILDREN) - children
-    others = max(0.0, (_machine_busy_seconds() - busy - own) / seconds)
+    others = max(0.0, (busy_seconds() - busy - own) / seconds)
     return Run(tokens, seconds, own, main, others), result
 
 
 def wait_for_quiet(max_wait: float) -> float:
-    """Wait (up to ``max_wait`` seconds) for a second in which other processes keep < QUIET cores busy."""
+    """Wait (up to ``max_wait`` seconds) for a second in which other processes keep < QUIET_CORES cores busy."""
     start = time.perf_counter()
     while time.perf_counter() - start < max_wait:
-        busy = _machine_busy_seconds()
+        busy = busy_seconds()
         time.sleep(1.0)
-        if _machine_busy_seconds() - busy < QUIET:
+        if busy_seconds() - busy < QUIET_CORES:
             break
     return time.perf_counter() - start
 
 
 def summarize(runs: list[Run]) -> dict:
     """The best uncontended run (or the best run, flagged), the median, and the CPU cost per token."""
-    quiet = [r for r in runs if r.others < QUIET]
+    quiet = [r for r in runs if r.others < QUIET_CORES]
     best = max(quiet or runs, key=lambda r: r.rate)
     return {
         "tokens_per_s": round(best.rate),
@@ -229,7 +219,8 @@ def run_prepare_benchmark(
 
     Before each round of runs, waits up to ``max_wait`` seconds for the machine to be quiet.
     """
-    cores = len(os.sched_getaffinity(0))
+    hardware = hardware_summary()
+    cores = hardware["cores_available"]
     workers = workers or cores
     get_tokenizer()  # built once, inherited by every forked process
     docs = benchmark_documents(doc_chars) * copies
@@ -267,8 +258,8 @@ def run_prepare_benchmark(
     return {
         "benchmark": "prepare tokenization throughput (tokens/s: best uncontended run of the repeats)",
         "command": " ".join([Path(sys.executable).name, *sys.argv]) if sys.argv[0] else "run_prepare_benchmark()",
-        "hardware": {"cpu": cpu_model(), "cores_available": cores, "logical_cpus": os.cpu_count(),
-                     "load_average_before": load_before, "load_average_after": os.getloadavg()},
+        "hardware": {**hardware, "logical_cpus": os.cpu_count(), "load_average_before": load_before,
+                     "load_average_after": os.getloadavg()},
         "versions": library_versions(),
         "text": {"source": f"embedded corpus (pydoc topics + stdlib source) cut into ~{doc_chars}-char documents"
                            + (f", {copies} copies" if copies > 1 else ""),
@@ -305,7 +296,7 @@ def to_markdown(result: dict) -> str:
         f"- text: {text['source']}: {text['documents']:,} documents, {text['tokens']:,} tokens "
         f"({text['mean_tokens_per_document']} per document)",
         f"- command: `{result['command']}`; {result['repeats']} round-robin repeats. The machine may be shared: "
-        f"a run is *uncontended* when other processes kept < {QUIET} cores busy during it (from /proc/stat); "
+        f"a run is *uncontended* when other processes kept < {QUIET_CORES} cores busy during it (from /proc/stat); "
         "tokens/s is the best uncontended run (the best run, marked *, when none was)",
         "",
         "| pipeline | tokens/s | median tokens/s | tokens per CPU-second (median) | main-process ceiling "
@@ -331,17 +322,19 @@ def to_markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--workers", type=int, help="worker processes for the N-worker runs (default: all cores)")
-    parser.add_argument("--copies", type=int, default=2, help="copies of the embedded corpus to tokenize (default 2)")
+    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--workers", type=positive_int,
+                        help="worker processes for the N-worker runs (default: all cores)")
+    parser.add_argument("--copies", type=positive_int, default=2,
+                        help="copies of the embedded corpus to tokenize (default 2)")
     parser.add_argument("--max-wait", type=float, default=30,
                         help="seconds to wait for a quiet machine before each round (default 30)")
     parser.add_argument("--name", default="cpu", help="results go to benchmarks/results/prepare-NAME.{json,md}")
     args = parser.parse_args(argv)
     result = run_prepare_benchmark(args.repeats, args.workers, args.copies, max_wait=args.max_wait)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"prepare-{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / f"prepare-{args.name}.md").write_text(to_markdown(result))
+    atomic_write_json(RESULTS / f"prepare-{args.name}.json", result, indent=1)
+    atomic_write_text(RESULTS / f"prepare-{args.name}.md", to_markdown(result))
     print(to_markdown(result))
     return 0
 

@@ -3,9 +3,10 @@
 import json
 
 import pytest
+import torch
 
 from gpt2forge import bench, cli
-from gpt2forge.bench.ablation import STAGES, same_rounds
+from gpt2forge.bench.ablation import STAGES, Contender, cumulative_settings, same_rounds, unavailable
 from gpt2forge.bench.measure import spread
 from gpt2forge.bench.memory import largest_fitting
 
@@ -82,6 +83,31 @@ def test_bad_options_are_user_errors(capsys):
     assert "unknown section(s) speed" in capsys.readouterr().err
     assert cli.main(["bench", "--preset", "tiny", "--seq-len", "4096"]) == 2
     assert "exceeds the context length" in capsys.readouterr().err
+
+
+def test_device_auto_picks_mps_on_a_mac(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    opts = bench.resolve_options(cli.build_parser("bench").parse_args([]))
+    assert opts.device == "mps" and opts.preset == "tiny"
+
+
+def test_only_the_last_row_fuses_adamw_with_the_trainers_groups():
+    """The ablation's AdamW is build_optimizer's, so its fused row differs from the rows above it only where
+    build_optimizer fuses; elsewhere (MPS) the row says why it is not run."""
+    cpu, batch = torch.device("cpu"), (torch.zeros(1, 8, dtype=torch.long),) * 2
+    optimizers = [Contender({**s, "compile": False}, "tiny", cpu, batch).optimizer for s in cumulative_settings()]
+    assert [bool(o.defaults["fused"]) for o in optimizers] == [False] * 6 + [True]
+    assert [g["weight_decay"] for g in optimizers[-1].param_groups] == [0.1, 0.0]
+    assert optimizers[-1].defaults["betas"] == (0.9, 0.95)
+    assert unavailable(STAGES[-1], cumulative_settings()[-1], cpu, quick=False) is None
+    assert "build_optimizer" in unavailable(STAGES[-1], cumulative_settings()[-1], torch.device("mps"), quick=False)
+
+
+def test_counts_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--steps", "0"])
+    assert "must be a positive integer, got 0" in capsys.readouterr().err
 
 
 def test_rows_are_compared_on_the_same_quiet_rounds():

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2forge.cli import main
+from gpt2forge.cli import build_parser, main
 from gpt2forge.data.loader import val_batches
 from gpt2forge.data.shards import write_shard
 from gpt2forge.errors import UserError
@@ -48,6 +48,21 @@ def test_loss_is_the_token_weighted_mean(tiny_model):
 def test_no_batches_is_a_clear_error(tiny_model):
     with pytest.raises(UserError, match="no validation tokens"):
         evaluate_loss(tiny_model, [], device="cpu")
+
+
+def test_mps_accumulates_in_float32_as_it_has_no_float64(tiny_model, monkeypatch):
+    """MPS (what --device auto picks on a Mac) has no float64: the loss sum is float32 there, float64 elsewhere."""
+    from gpt2forge.eval import loss
+
+    assert loss.accumulator_dtype(torch.device("mps")) == torch.float32
+    assert loss.accumulator_dtype(torch.device("cuda")) == torch.float64
+    torch.manual_seed(0)
+    batches = [(torch.randint(0, 50257, (2, 16)), torch.randint(0, 50257, (2, 16))) for _ in range(3)]
+    exact = evaluate_loss(tiny_model, batches, device="cpu")
+    monkeypatch.setattr(loss, "accumulator_dtype", lambda device: torch.float32)  # the MPS path, on the CPU
+    single = evaluate_loss(tiny_model, batches, device="cpu")
+    assert single["tokens"] == exact["tokens"] == 3 * 2 * 16 and single["batches"] == 3
+    assert single["loss"] == pytest.approx(exact["loss"], rel=1e-6)
 
 
 def test_compiled_model_gives_the_same_loss_without_recompiling(tmp_path, tiny_model):
@@ -117,6 +132,8 @@ def test_eval_cli_val_loss_and_token_budget(tmp_path, tiny_model, capsys):
     args = ["eval", "--model", str(ckpt), "--data", str(data), "--batch-size", "2", "--val-tokens", "300", "--out", str(out)]
     assert main(args) == 0
     assert json.loads(out.read_text())["val"]["tokens"] == 256  # two whole batches of 2×64 fit in 300
+    args = build_parser("eval").parse_args(["--model", str(ckpt), "--val-tokens", "10M"])
+    assert args.val_tokens == 10_000_000  # counts as prepare and train take them
 
 
 def test_eval_cli_errors_name_the_problem(tmp_path, tiny_model, hf_model_dir, capsys):
@@ -127,7 +144,8 @@ def test_eval_cli_errors_name_the_problem(tmp_path, tiny_model, hf_model_dir, ca
     assert "nowhere does not exist" in capsys.readouterr().err
     small = make_val_dir(tmp_path / "small", sizes=(100,))
     assert main(["eval", "--model", str(ckpt), "--data", str(small)]) == 2
-    assert "one batch needs 16" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "hold 1 sequences of 64 tokens" in err and "needs 16" in err
     assert main(["eval", "--model", str(ckpt), "--data", str(small), "--seq-len", "65"]) == 2
     assert "--seq-len 65 exceeds the model's context of 64" in capsys.readouterr().err
     # a Hugging Face model: printed, not written into its directory

@@ -5,7 +5,8 @@ import pytest
 
 from gpt2forge.cli import main
 from gpt2forge.errors import UserError
-from gpt2forge.eval.report import COLUMNS, read_metrics, write_report
+from gpt2forge.eval.report import read_metrics, write_report
+from gpt2forge.train.metrics import COLUMNS
 
 
 def write_metrics(run_dir, rows):
@@ -58,6 +59,7 @@ def test_report_renders_png_and_markdown_with_the_numbers(tmp_path):
     assert "| best val loss | 3.8500 (step 400) |" in text
     assert "| best HellaSwag acc_norm | 0.2700 (step 400) |" in text
     assert "| tokens seen | 3.28M |" in text
+    assert "| wall time | 2m00s |" in text  # 400 steps of 0.3 s, as the trainer's console prints durations
     mean_tps = np.mean([r["tokens_per_s"] for r in rows[:-1] if "tokens_per_s" in r and r["step"] > 1])
     assert f"| mean tokens/s (first step excluded) | {mean_tps / 1e3:.3g}K |" in text
     assert "| mean MFU (first step excluded) | 30.0% |" in text
@@ -91,6 +93,13 @@ def test_compare_overlays_another_run(tmp_path, capsys):
     text = (tmp_path / "baseline" / "report.md").read_text()
     assert "| | baseline | longer-warmup |" in text
     assert "| steps logged (last step) | 400 | 300 |" in text
+
+
+def test_a_metrics_csv_path_reports_beside_it(tmp_path, capsys):
+    metrics = write_metrics(tmp_path / "run", synthetic_run(tmp_path / "run", steps=200))
+    assert main(["report", str(metrics)]) == 0
+    assert f"wrote {tmp_path / 'run' / 'report.png'}" in capsys.readouterr().out
+    assert "# Run report: run" in (tmp_path / "run" / "report.md").read_text()
 
 
 def test_a_run_without_evals_or_mfu_still_reports(tmp_path):

@@ -21,7 +21,6 @@ medians stay comparable. The load average and the CPU time other processes took 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import tempfile
@@ -35,6 +34,7 @@ import torch
 from .ablation import run_ablation
 from .data import run_loader, run_prepare, write_random_shards
 from ..device import hardware_summary, library_versions
+from ..files import atomic_write_json, atomic_write_text
 from .measure import LoadMeter, device_kind, free_memory
 from .memory import run_memory
 from .options import SECTIONS, TARGETS, BenchOptions, add_arguments, resolve_options
@@ -93,8 +93,8 @@ def result_stem(opts: BenchOptions, kind: str) -> str:
 def write_results(result: dict, opts: BenchOptions) -> None:
     opts.out.mkdir(parents=True, exist_ok=True)
     stem = opts.out / result_stem(opts, result["device_kind"])
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(to_markdown(result))
+    atomic_write_json(stem.with_suffix(".json"), result, indent=1)
+    atomic_write_text(stem.with_suffix(".md"), to_markdown(result))
     result["files"] = [str(stem.with_suffix(".json")), str(stem.with_suffix(".md"))]
     log.info("wrote %s.{json,md}", stem)
 

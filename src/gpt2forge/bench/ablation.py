@@ -1,8 +1,9 @@
 """The optimization ablation: one training step with build-nanogpt's optimizations switched on one after another.
 
 fp32 eager with manual attention → + TF32 → + bf16 autocast → + torch.compile → + flash SDPA → + vocab padded
-to 50304 → + fused AdamW, each row cumulative, next to the published single-A100 figures. Rows this device
-cannot run are listed with the reason; a row that fails (OOM, compile error) records the error instead.
+to 50304 → + fused AdamW, each row cumulative, next to the published single-A100 figures (REFERENCE.md at the
+repository root). Rows this device cannot run are listed with the reason; a row that fails (OOM, compile error)
+records the error instead.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .measure import (
     bare_step,
     failure,
     free_memory,
+    fuses_adamw,
     spread,
     state_bytes,
     synchronize,
@@ -66,11 +68,13 @@ def unavailable(stage: Stage, settings: dict, device: torch.device, quick: bool)
     """Why this device cannot run a row, or None."""
     if stage.key == "tf32":
         if device.type != "cuda":
-            return "CUDA only: TF32 is a tensor-core matmul mode of NVIDIA GPUs; CPU fp32 matmuls stay fp32"
+            return "CUDA only: TF32 is a tensor-core matmul mode of NVIDIA GPUs; elsewhere fp32 matmuls stay fp32"
         if torch.cuda.get_device_capability(device)[0] < 8:
             return "needs an Ampere or newer GPU (compute capability >= 8.0)"
     if stage.key == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return "this GPU has no bf16"
+    if stage.key == "fused" and not fuses_adamw(device):
+        return f"build_optimizer has no fused AdamW for {device.type}: this row would repeat the one above"
     if quick and settings["compile"]:
         return QUICK_SKIP
     return None
@@ -83,7 +87,7 @@ class Contender:
         torch.manual_seed(0)
         config = preset_config(preset, attention=settings["attention"], vocab_multiple=settings["vocab_multiple"])
         self.model = GPT(config).to(device)
-        self.optimizer = adamw(self.model, settings["fused"])
+        self.optimizer = adamw(self.model, settings["fused"], device)
         self.forward = torch.compile(self.model) if settings["compile"] else self.model
         self.settings, self.device, self.batch = settings, device, batch
         self.flops_per_token = self.model.flops_per_token(batch[0].size(1))

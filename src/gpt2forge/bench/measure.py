@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 
+from ..config import OptimSection
 from ..device import PEAK_BF16_TFLOPS
-from ..train.optim import param_groups
+from ..train.optim import build_optimizer
 
 VOCAB = 50257
-QUIET_CORES = 0.25  # a timing counts as uncontended when other processes kept fewer cores busy (as bench_prepare)
+QUIET_CORES = 0.25  # a timing counts as uncontended when other processes kept fewer cores busy (bench_prepare too)
 
 
 # ---------------------------------------------------------------- the machine
@@ -43,20 +44,20 @@ class LoadMeter:
 
     def __enter__(self):
         self.load_start = os.getloadavg()
-        self.busy_start, self.ours_start, self.wall_start = _busy_seconds(), _own_cpu_seconds(), time.monotonic()
+        self.busy_start, self.ours_start, self.wall_start = busy_seconds(), _own_cpu_seconds(), time.monotonic()
         return self
 
     def __exit__(self, *exc) -> None:
         wall = time.monotonic() - self.wall_start
         self.record = {"load_average_start": [round(x, 2) for x in self.load_start],
                        "load_average_end": [round(x, 2) for x in os.getloadavg()], "seconds": round(wall, 1)}
-        busy = _busy_seconds()
+        busy = busy_seconds()
         if busy is not None and self.busy_start is not None and wall >= 1:  # /proc/stat counts in 10 ms ticks
             others = (busy - self.busy_start) - (_own_cpu_seconds() - self.ours_start)
             self.record["other_processes_cores"] = round(max(0.0, others) / wall, 2)
 
 
-def _busy_seconds() -> float | None:
+def busy_seconds() -> float | None:
     """CPU seconds all processes have been busy since boot (Linux), or None."""
     try:
         fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -74,22 +75,25 @@ def _own_cpu_seconds() -> float:
 # ---------------------------------------------------------------- timing and memory
 
 def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels, so that a timing covers them (CUDA and MPS run asynchronously)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def timed(fn, n: int, device: torch.device) -> tuple[float, float | None]:
     """Milliseconds per call of ``fn`` over ``n`` calls, and the cores other processes kept busy meanwhile (None
     where there is no /proc/stat, or the block is too short for its 10 ms ticks)."""
     synchronize(device)
-    busy, own, start = _busy_seconds(), _own_cpu_seconds(), time.perf_counter()
+    busy, own, start = busy_seconds(), _own_cpu_seconds(), time.perf_counter()
     for _ in range(n):
         fn()
     synchronize(device)
     wall = time.perf_counter() - start
     others = None
     if busy is not None and wall >= 0.5:
-        others = max(0.0, (_busy_seconds() - busy - (_own_cpu_seconds() - own)) / wall)
+        others = max(0.0, (busy_seconds() - busy - (_own_cpu_seconds() - own)) / wall)
     return 1000 * wall / n, others
 
 
@@ -110,6 +114,8 @@ def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
 
 
 def failure(error: BaseException) -> str:
@@ -172,10 +178,14 @@ def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int
 
 # ---------------------------------------------------------------- the training step
 
-def adamw(model: torch.nn.Module, fused: bool) -> torch.optim.AdamW:
-    """The recipe's AdamW (train/optim.py's groups and betas) with the fused kernel on or off explicitly:
-    ``build_optimizer`` only fuses on CUDA, and the ablation measures it wherever torch has it."""
-    return torch.optim.AdamW(param_groups(model, 0.1), lr=6e-4, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+def adamw(model: torch.nn.Module, fused: bool, device: torch.device) -> torch.optim.AdamW:
+    """The Trainer's AdamW (the recipe's defaults and parameter groups) with fusing asked for or not."""
+    return build_optimizer(model, OptimSection(fused=fused), device.type)
+
+
+def fuses_adamw(device: torch.device) -> bool:
+    """Whether ``build_optimizer`` fuses AdamW on this device: asked on a one-layer model, so its rule is not copied."""
+    return bool(adamw(torch.nn.Linear(1, 1), True, device).defaults["fused"])
 
 
 def autocast(device: torch.device, bf16: bool):

@@ -54,7 +54,7 @@ def run_memory(opts: BenchOptions, device: torch.device) -> dict:
 def measure_preset(preset: str, batch_size: int, device: torch.device) -> dict:
     torch.manual_seed(0)
     model = GPT(preset_config(preset, vocab_multiple=128)).to(device)
-    optimizer = adamw(model, fused=True)
+    optimizer = adamw(model, True, device)
     peaks = {}  # micro-batch → peak GiB
 
     def fits(b: int) -> bool:

@@ -9,19 +9,23 @@ from pathlib import Path
 
 import torch
 
+from ..cli import positive_int
+from ..device import pick_device
 from ..errors import UserError
 from ..model import PRESETS
 
 SECTIONS = ("ablation", "overhead", "data", "memory")
 # (preset, micro-batch, seq len, timed steps per round, rounds) per device kind. GPU: build-nanogpt's ablation
-# batch (B=16, T=1024); CPU: the tiny preset at its full context, 0.5-1 s per step on 2 cores.
+# batch (B=16, T=1024); CPU: the tiny preset at its full context, 0.5-1 s per step on 2 cores; Apple MPS: as the
+# CPU (gpt2's fp32 manual-attention rows at B=16, T=1024 need more memory than most Macs share with their GPU).
 DEFAULTS = {
     "cuda": ("gpt2", 16, 1024, 10, 5),
     "cpu": ("tiny", 8, 256, 3, 5),
+    "mps": ("tiny", 8, 256, 3, 5),
     "quick": ("tiny", 2, 64, 1, 2),
 }
 
-# Targets and reference points (REFERENCE.md).
+# Targets and reference points (REFERENCE.md, at the repository root).
 TARGET_MFU = 0.50  # GPT-2 124M, T=1024, bf16, compile, flash, fused AdamW on one H100
 TARGET_TOKENS_PER_S = 580_000  # 50% of 989 TFLOP/s at 855 MFLOP/token
 TARGET_OVERHEAD_PCT = 5.0
@@ -57,12 +61,12 @@ class BenchOptions:
 
 def resolve_options(args: argparse.Namespace) -> BenchOptions:
     """Per-device defaults for what was not given, and checks that fail before any work starts."""
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device(args.device)
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available (this torch build: "
                         f"{torch.__version__}); use --device cpu")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: Apple's Metal backend is not available here; use --device cpu")
     preset, batch, seq_len, steps, repeats = DEFAULTS["quick" if args.quick else device]
     sections = tuple(s.strip() for s in (args.only or ",".join(SECTIONS)).split(",") if s.strip())
     unknown = [s for s in sections if s not in SECTIONS]
@@ -77,9 +81,6 @@ def resolve_options(args: argparse.Namespace) -> BenchOptions:
     )
     if opts.preset not in PRESETS:
         raise UserError(f"--preset {opts.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
-    for name in ("batch_size", "seq_len", "steps", "repeats"):
-        if getattr(opts, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(opts, name)}")
     block = PRESETS[opts.preset].get("block_size", 1024)
     if opts.seq_len > block:
         raise UserError(f"--seq-len {opts.seq_len} exceeds the context length of {opts.preset} ({block})")
@@ -87,12 +88,14 @@ def resolve_options(args: argparse.Namespace) -> BenchOptions:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", help="model preset (default: gpt2 on a GPU, tiny on a CPU)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if present")
-    parser.add_argument("--batch-size", type=int, help="micro-batch of the ablation and overhead (GPU 16, CPU 8)")
-    parser.add_argument("--seq-len", type=int, help="sequence length (GPU 1024, CPU 256)")
-    parser.add_argument("--steps", type=int, help="timed steps per round (GPU 10, CPU 3)")
-    parser.add_argument("--repeats", type=int, help="rounds; medians are reported (default 5)")
+    parser.add_argument("--preset", help="model preset (default: gpt2 on CUDA, tiny on CPU and MPS)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                        help="default: auto (CUDA, then MPS, then CPU)")
+    parser.add_argument("--batch-size", type=positive_int,
+                        help="micro-batch of the ablation and overhead (CUDA 16, CPU and MPS 8)")
+    parser.add_argument("--seq-len", type=positive_int, help="sequence length (CUDA 1024, CPU and MPS 256)")
+    parser.add_argument("--steps", type=positive_int, help="timed steps per round (CUDA 10, CPU and MPS 3)")
+    parser.add_argument("--repeats", type=positive_int, help="rounds; medians are reported (default 5)")
     parser.add_argument("--only", metavar="SECTIONS", help=f"comma-separated subset of {','.join(SECTIONS)}")
     parser.add_argument("--quick", action="store_true",
                         help="seconds-long smoke mode (tiny model, B=2, T=64, compile rows skipped); results go to "

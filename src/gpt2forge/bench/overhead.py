@@ -102,7 +102,7 @@ def run_overhead(opts: BenchOptions, device: torch.device, data_dir: Path, work_
         "overhead_pct_of_medians": 100 * (trainer_ms["median"] / bare_ms["median"] - 1),
         "overhead_pct_per_round": [round(x, 2) for x in per_round], "quiet_rounds": len(quiet_pairs),
         "goal_pct": TARGET_OVERHEAD_PCT,
-        "what": "Trainer.run (loader over shards, LR schedule, clip via accelerate, loss/norm .item(), finite check, "
+        "what": "Trainer.run (loader over shards, LR schedule, clip_grad_norm_, loss/norm .item(), finite check, "
                 "metrics.csv + train.log line every step) vs forward/backward/clip/AdamW on batches already on the "
                 "device; same model, optimizer and tokens; blocks alternate trainer-bare, bare-trainer",
     }

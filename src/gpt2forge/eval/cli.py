@@ -12,23 +12,23 @@ and rank 0 prints and writes; the process group is created here when the launche
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..cli import positive_int
+from ..cli import positive_int, token_count
 from ..errors import UserError
+from ..files import atomic_write_json
 
 DTYPES = ("fp32", "bf16")
-
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint dir, run dir, Hugging Face dir, or hub name (online)")
     parser.add_argument("--data", help="token shard directory: the validation loss uses its *_val_*.bin shards")
-    parser.add_argument("--val-tokens", type=positive_int, help="evaluate at most this many val tokens (default: all)")
+    parser.add_argument("--val-tokens", type=token_count,
+                        help="evaluate at most this many val tokens, e.g. 10M or 1e7 (default: all)")
     parser.add_argument("--hellaswag", action="store_true", help="score HellaSwag (downloaded once into ~/.cache/gpt2forge)")
     parser.add_argument("--hellaswag-file", help="local hellaswag_val.jsonl (for offline use; implies --hellaswag)")
     parser.add_argument("--limit", type=positive_int, help="score only the first N HellaSwag rows")
@@ -68,12 +68,14 @@ def checkpoint_of(model_path: str) -> Path | None:
 
 def training_position(checkpoint: Path | None) -> tuple[int | None, int | None]:
     """(step, tokens seen) of a checkpoint: from its ``train_state.json``, else the step from a ``step-N`` name."""
+    from ..train.checkpoint import read_train_state
+
     if checkpoint is None:
         return None, None
     try:
-        state = json.loads((checkpoint / "train_state.json").read_text())
+        state = read_train_state(checkpoint)
         return int(state["step"]), int(state["tokens"]) if "tokens" in state else None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (UserError, ValueError, KeyError, TypeError):
         match = re.fullmatch(r"step-(\d+)", checkpoint.name)
         return (int(match.group(1)) if match else None), None
 
@@ -92,13 +94,6 @@ def format_table(results: dict) -> str:
             shown = "; ".join(f"line {s['line']}: {s['reason']}" for s in h["skipped_rows"][:3])
             lines.append(f"           {', '.join(notes)}" + (f" (e.g. {shown})" if shown else ""))
     return "\n".join(lines)
-
-
-def _write_json(path: Path, results: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -146,7 +141,8 @@ def run(args: argparse.Namespace) -> dict:
             print(format_table(results))
             out = Path(args.out) if args.out else (checkpoint / "eval.json" if checkpoint else None)
             if out is not None:
-                _write_json(out, results)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(out, results)
                 print(f"results written to {out}")
             else:
                 print("(not a gpt2forge checkpoint: results not saved; pass --out FILE to save them)")

@@ -34,21 +34,32 @@ def evaluate_loss(
     if world_size is None:
         world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     device = torch.device(device)
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, tokens, batches
+    loss_sum = torch.zeros((), dtype=accumulator_dtype(device), device=device)
+    tokens = torch.zeros((), dtype=torch.int64, device=device)  # exact at any count
+    n_batches = 0
     was_training = model.training
     model.eval()
     try:
-        for x, y in batches:
+        for x, y in batches:  # accumulated on the device: no host sync per batch
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 _, loss = model(x, targets=y)
-            tokens = (y != IGNORE_INDEX).sum()
-            totals += torch.stack([loss.double() * tokens, tokens.double(), totals.new_ones(())])
+            count = (y != IGNORE_INDEX).sum()
+            loss_sum += loss.to(loss_sum.dtype) * count
+            tokens += count
+            n_batches += 1
     finally:
         model.train(was_training)
+    totals = (loss_sum, tokens, torch.tensor(n_batches, device=device))
     if world_size > 1:
-        dist.all_reduce(totals)
-    loss_sum, tokens, n_batches = totals.tolist()
+        for total in totals:
+            dist.all_reduce(total)
+    loss_sum, tokens, n_batches = (total.item() for total in totals)
     if tokens == 0:
         raise UserError("no validation tokens were evaluated: the val split is empty or smaller than one batch")
-    return {"loss": loss_sum / tokens, "tokens": int(tokens), "batches": int(n_batches)}
+    return {"loss": loss_sum / tokens, "tokens": tokens, "batches": n_batches}
+
+
+def accumulator_dtype(device: torch.device) -> torch.dtype:
+    """float64 for the loss sum, except on Apple MPS, which has no float64 (float32 there: ~7 digits, ample)."""
+    return torch.float32 if device.type == "mps" else torch.float64

@@ -18,11 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-
-COLUMNS = (
-    "step", "tokens", "elapsed_s", "loss", "lr", "grad_norm", "step_ms", "tokens_per_s", "mfu",
-    "val_loss", "hellaswag_acc", "hellaswag_acc_norm",
-)  # fmt: skip
+from ..train.metrics import COLUMNS, format_duration
 
 
 @dataclass(frozen=True)
@@ -35,7 +31,7 @@ class Reference:
     plot: str | None = None  # legend label when drawn as a line on the plots
 
 
-# From REFERENCE.md: every number with where it was published.
+# From REFERENCE.md (repository root): every number with where it was published.
 REFERENCES = (
     Reference("val_loss", 3.2924, "OpenAI GPT-2 124M checkpoint, val loss on the FineWeb-Edu val shard",
               "build-nanogpt `play.ipynb`", plot="GPT-2 124M (OpenAI)"),
@@ -173,11 +169,6 @@ def human(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.3g}{suffix}"
     return f"{n:.3g}"
-
-
-def _duration(seconds: float) -> str:
-    hours, rest = divmod(round(seconds), 3600)
-    return f"{hours}h {rest // 60:02d}m" if hours else f"{rest // 60}m {rest % 60:02d}s"
 
 
 # --------------------------------------------------------------------------------------------- the plot
@@ -322,7 +313,7 @@ def render_markdown(runs: list[Run], png_name: str, notes: list[str]) -> str:
     rows = [
         ("steps logged (last step)", "steps", lambda v: f"{v:,}"),
         ("tokens seen", "tokens", human),
-        ("wall time", "elapsed_s", _duration),
+        ("wall time", "elapsed_s", format_duration),
         ("final train loss", "final_loss", four),
         ("final val loss", "final_val_loss", four),
         ("best val loss", "best_val_loss", four),
@@ -364,20 +355,22 @@ def render_markdown(runs: list[Run], png_name: str, notes: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(run_dir: str | os.PathLike, compare: str | os.PathLike | None = None) -> tuple[Path, Path]:
-    """Write ``report.png`` and ``report.md`` into ``run_dir``; ``compare`` overlays another run or metrics.csv."""
-    run_dir = Path(run_dir)
-    runs = [load_run(run_dir)] + ([load_run(compare)] if compare is not None else [])
+def write_report(run: str | os.PathLike, compare: str | os.PathLike | None = None) -> tuple[Path, Path]:
+    """Write ``report.png`` and ``report.md`` beside the run's metrics.csv (``run`` is its directory or the file
+    itself); ``compare`` overlays another run or metrics.csv."""
+    runs = [load_run(run)] + ([load_run(compare)] if compare is not None else [])
     if len(runs) > 1 and runs[1].name == runs[0].name:
         runs[1].name += " (compared)"
-    png, md = run_dir / "report.png", run_dir / "report.md"
+    out_dir = runs[0].metrics_path.parent
+    png, md = out_dir / "report.png", out_dir / "report.md"
     notes = render_png(runs, png)
     md.write_text(render_markdown(runs, png.name, notes))
     return png, md
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", help="run directory holding metrics.csv (the trainer's output directory)")
+    parser.add_argument("run_dir", help="run directory holding metrics.csv (the trainer's output directory), or the "
+                                         "metrics.csv itself; the report is written beside it")
     parser.add_argument("--compare", help="another run directory or metrics.csv to overlay")
 
 
