@@ -21,13 +21,10 @@ def run(args: argparse.Namespace) -> None:
     import torch
 
     from .hf import export_hf
-    from .weights import MODEL_FILE, load_model, read_model_config, resolve_checkpoint_dir, save_model
+    from .weights import load_model, our_checkpoint, save_model
 
     model = load_model(args.source)
-    target = args.to or ("hf" if args.command == "export" else None)
-    if target is None:
-        weights = resolve_checkpoint_dir(args.source) / MODEL_FILE
-        target = "hf" if weights.is_file() and read_model_config(weights) is not None else "gpt2forge"
+    target = args.to or ("hf" if args.command == "export" or our_checkpoint(args.source) else "gpt2forge")
     if target == "hf":
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
         out = export_hf(model, args.out, dtype=dtype, vocab_dir=args.vocab_dir)

@@ -80,7 +80,6 @@ def print_samples(model: GPT, tokenizer: Tokenizer, prompt: str, num_samples: in
     return texts
 
 
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint dir, run dir, Hugging Face dir, or hub name (online)")
     parser.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")

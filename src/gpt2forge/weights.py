@@ -52,15 +52,28 @@ def read_model_config(path: Path) -> GPTConfig | None:
         raise UserError(f"{path}: bad model config in metadata: {e}") from None
 
 
-def load_weights(model: GPT, path: Path) -> None:
-    """Load our weights file into an existing model (same architecture), with a clear error otherwise."""
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The full state dict of one of our weights files, the tied ``lm_head.weight`` restored (on the CPU)."""
     try:
         state = load_file(path)
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path} is not a readable safetensors file: {e}") from None
     if "transformer.wte.weight" in state:
         state["lm_head.weight"] = state["transformer.wte.weight"]  # the tie
-    load_state_checked(model, state, str(path))
+    return state
+
+
+def load_weights(model: GPT, path: Path) -> None:
+    """Load our weights file into an existing model (same architecture), with a clear error otherwise."""
+    load_state_checked(model, read_weights(path), str(path))
+
+
+def our_checkpoint(path: str | os.PathLike) -> Path | None:
+    """The gpt2forge checkpoint directory behind ``path`` (a run directory resolves through ``latest``), or None
+    when it is something else: a Hugging Face directory or a hub name."""
+    directory = resolve_checkpoint_dir(path)
+    weights = directory / MODEL_FILE
+    return directory if weights.is_file() and read_model_config(weights) is not None else None
 
 
 def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:

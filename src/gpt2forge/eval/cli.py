@@ -57,15 +57,6 @@ def _init_distributed(device: str) -> tuple[int, int, str, bool]:
     return dist.get_rank(), world_size, device, True
 
 
-def checkpoint_of(model_path: str) -> Path | None:
-    """Our checkpoint directory behind ``--model``, or None for Hugging Face directories and hub names."""
-    from ..weights import MODEL_FILE, read_model_config, resolve_checkpoint_dir
-
-    directory = resolve_checkpoint_dir(model_path)
-    weights = directory / MODEL_FILE
-    return directory if weights.is_file() and read_model_config(weights) is not None else None
-
-
 def training_position(checkpoint: Path | None) -> tuple[int | None, int | None]:
     """(step, tokens seen) of a checkpoint: from its ``train_state.json``, else the step from a ``step-N`` name."""
     from ..train.checkpoint import read_train_state
@@ -100,7 +91,7 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     from ..device import device_name, hardware_summary, library_versions, pick_device
-    from ..weights import load_model
+    from ..weights import load_model, our_checkpoint
     from .hellaswag import evaluate_hellaswag, load_hellaswag
 
     hellaswag = args.hellaswag or args.hellaswag_file is not None
@@ -112,7 +103,7 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError("--val-tokens needs --data DIR")
     rank, world_size, device, created_group = _init_distributed(pick_device(args.device))
     try:
-        checkpoint = checkpoint_of(args.model)
+        checkpoint = our_checkpoint(args.model)
         model = load_model(args.model, device)
         autocast = torch.bfloat16 if args.dtype == "bf16" else None
         step, tokens = training_position(checkpoint)

@@ -39,6 +39,7 @@ from ..device import hardware_summary, library_versions, peak_flops
 from ..errors import UserError
 from ..files import atomic_write_json, atomic_write_text
 from ..model import GPT
+from ..weights import MODEL_FILE, read_model_config, read_weights
 from . import checkpoint as ckpt
 from .metrics import MetricsLogger, format_duration, step_line, truncate_metrics
 from .optim import build_optimizer, lr_at
@@ -232,9 +233,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def check_architecture(self, checkpoint: Path) -> None:
-        from ..weights import read_model_config
-
-        stored = read_model_config(checkpoint / "model.safetensors")
+        stored = read_model_config(checkpoint / MODEL_FILE)
         mine = self.model.config
         if stored is None or {**stored.to_dict(), "attention": mine.attention} != mine.to_dict():
             raise UserError(
@@ -246,8 +245,6 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions, set_model_state_dict, set_optimizer_state_dict,
         )
-        from safetensors.torch import load_file
-
         state = ckpt.read_train_state(checkpoint)
         if state.get("world_size") != self.world_size:
             raise UserError(
@@ -256,9 +253,7 @@ class Trainer:
             )
         self.loader.load_state_dict(state["loader"])
         options = StateDictOptions(full_state_dict=True)
-        weights = load_file(checkpoint / "model.safetensors", device="cpu")
-        weights["lm_head.weight"] = weights["transformer.wte.weight"]
-        set_model_state_dict(self.wrapped, weights, options=options)
+        set_model_state_dict(self.wrapped, read_weights(checkpoint / MODEL_FILE), options=options)
         optim_state = ckpt.read_optimizer_state(checkpoint, map_location="cpu")
         set_optimizer_state_dict(self.wrapped, self.optimizer, optim_state_dict=optim_state, options=options)
         rng = ckpt.read_rng_states(checkpoint)
