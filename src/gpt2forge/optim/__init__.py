@@ -1,0 +1,1 @@
+"""Optimizers from named parameter groups, and their schedules (filled in by the seams work)."""
