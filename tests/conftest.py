@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt2forge.model import GPT, GPTConfig
+from gpt2forge.models.gpt2 import GPT, GPTConfig
 
 HELLASWAG_SAMPLE = Path(__file__).parent / "data" / "hellaswag_val_head64.jsonl"
-TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=64)
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_multiple=1)
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from gpt2forge import bench, cli
+from gpt2forge import bench
+from gpt2forge import commands as cli
 from gpt2forge.bench.ablation import STAGES, Contender, cumulative_settings, same_rounds, unavailable
 from gpt2forge.bench.measure import spread
 from gpt2forge.bench.memory import largest_fitting

@@ -51,7 +51,7 @@ def test_convert_hf_to_ours_and_export_back(tmp_path, hf_model_dir):
 
 
 def test_every_command_has_help():
-    from gpt2forge.cli import COMMANDS
+    from gpt2forge.commands import COMMANDS
 
     for command in COMMANDS:
         result = run_cli(command, "--help")

@@ -7,14 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2forge.cli import build_parser, main
+from gpt2forge.commands import build_parser, main
 from gpt2forge.data.loader import val_batches
 from gpt2forge.data.shards import write_shard
 from gpt2forge.errors import UserError
 from gpt2forge.eval.hellaswag import evaluate_hellaswag, load_hellaswag
 from gpt2forge.eval.loss import evaluate_loss
 from gpt2forge.hf import export_hf
-from gpt2forge.model import GPT, GPTConfig
+from gpt2forge.models.gpt2 import GPT, GPTConfig
 from gpt2forge.weights import save_model
 
 from conftest import HELLASWAG_SAMPLE as HELLASWAG  # 64 real validation rows, committed

@@ -6,8 +6,9 @@ import torch
 import transformers
 
 from gpt2forge.errors import UserError  # noqa: E402
-from gpt2forge.hf import export_hf, load_hf_model  # noqa: E402
-from gpt2forge.model import GPT, GPTConfig  # noqa: E402
+from gpt2forge.hf import export_hf  # noqa: E402
+from gpt2forge.models import Runtime  # noqa: E402
+from gpt2forge.models.gpt2 import GPT, GPTConfig  # noqa: E402
 from gpt2forge.tokenizer import get_tokenizer  # noqa: E402
 from gpt2forge.weights import load_model, save_model  # noqa: E402
 
@@ -20,7 +21,7 @@ def hf_logits(path, idx):
 
 @pytest.mark.parametrize("attention", ["sdpa", "manual"])
 def test_import_from_hf_matches_logits(hf_model_dir, attention):
-    ours = load_hf_model(hf_model_dir, attention=attention)
+    ours = load_model(hf_model_dir, runtime=Runtime(attention=attention))
     idx = torch.randint(0, 50257, (2, 40))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx)[0], hf_logits(hf_model_dir, idx), atol=1e-5, rtol=0)
@@ -100,7 +101,7 @@ def test_weights_of_another_shape_are_refused(tmp_path, hf_model_dir):
     config = json.loads((hf_model_dir / "config.json").read_text())
     (wrong / "config.json").write_text(json.dumps({**config, "n_layer": 3}))
     (wrong / "model.safetensors").symlink_to(hf_model_dir / "model.safetensors")
-    with pytest.raises(UserError, match="do not fit a 3-layer GPT-2: missing"):
+    with pytest.raises(UserError, match="do not fit a 3-layer gpt2 model: missing"):
         load_model(wrong)
 
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2forge.model import GPT, IGNORE_INDEX, GPTConfig, preset_config
+from gpt2forge.models import IGNORE_INDEX, Runtime, make_config
+from gpt2forge.models.gpt2 import GPT, GPTConfig
 
 
 @pytest.mark.parametrize(
@@ -13,24 +14,24 @@ from gpt2forge.model import GPT, IGNORE_INDEX, GPTConfig, preset_config
 )
 def test_preset_parameter_counts(preset, expected):
     with torch.device("meta"):
-        model = GPT(preset_config(preset))
+        model = GPT(make_config("gpt2", preset, vocab_multiple=1))
     assert model.num_params() == expected  # tied lm_head counted once
 
 
 def test_padded_vocab_adds_only_embedding_rows():
     with torch.device("meta"):
-        model = GPT(preset_config("gpt2", vocab_multiple=128))
+        model = GPT(make_config("gpt2", "gpt2", vocab_multiple=128))
     assert model.config.padded_vocab_size == 50304
     assert model.num_params() == 124_439_808 + (50304 - 50257) * 768
 
 
 def test_unknown_preset_and_bad_shapes_are_refused():
-    with pytest.raises(ValueError, match="unknown model preset 'gpt5'"):
-        preset_config("gpt5")
+    with pytest.raises(ValueError, match="model.preset 'gpt5' is unknown"):
+        make_config("gpt2", "gpt5")
     with pytest.raises(ValueError, match="divisible"):
         GPTConfig(n_embd=30, n_head=4)
     with pytest.raises(ValueError, match="attention"):
-        GPTConfig(attention="flash")
+        Runtime(attention="flash")
 
 
 def test_gpt2_initialisation():
@@ -67,7 +68,7 @@ def test_loss_ignores_padded_vocab_and_ignore_index():
 def test_manual_attention_matches_sdpa(tiny_config):
     torch.manual_seed(0)
     sdpa = GPT(tiny_config).eval()
-    manual = GPT(GPTConfig(**{**tiny_config.to_dict(), "attention": "manual"})).eval()
+    manual = GPT(tiny_config, Runtime(attention="manual")).eval()
     manual.load_state_dict(sdpa.state_dict())
     idx = torch.randint(0, 50257, (2, 33))
     torch.testing.assert_close(sdpa(idx)[0], manual(idx)[0], atol=1e-5, rtol=1e-5)
@@ -87,6 +88,6 @@ def test_causal_future_tokens_do_not_change_past_logits(tiny_model):
 
 def test_flops_per_token_matches_reference_for_gpt2():
     with torch.device("meta"):
-        model = GPT(preset_config("gpt2", vocab_multiple=128))
+        model = GPT(make_config("gpt2", "gpt2", vocab_multiple=128))
     # REFERENCE.md: 6N + 12·L·H·Q·T ≈ 742M + 113M = 855 MFLOP at T=1024, V=50304
     assert model.flops_per_token(1024) == pytest.approx(855e6, rel=0.01)

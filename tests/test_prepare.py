@@ -320,7 +320,7 @@ def test_cli_errors_leave_no_traceback_and_help_is_fast(tmp_path):
     result = subprocess.run([sys.executable, "-m", "gpt2forge.cli", "prepare", "--files", str(tmp_path / "x.txt"),
                              "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
-    check = "import sys, gpt2forge.cli as c; c.build_parser('prepare'); assert 'datasets' not in sys.modules"
+    check = "import sys, gpt2forge.commands as c; c.build_parser('prepare'); assert 'datasets' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", check]).returncode == 0
 
 
@@ -334,7 +334,7 @@ def test_shard_plan_splits_val_into_shards_then_train():
 
 
 def test_count_option_accepts_suffixes():
-    from gpt2forge.cli import token_count
+    from gpt2forge.commands import token_count
 
     assert [token_count(t) for t in ("1000", "100_000", "1e8", "250K", "100M", "10B")] == [
         1000, 100_000, 10**8, 250_000, 10**8, 10**10]

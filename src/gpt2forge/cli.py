@@ -1,90 +1,9 @@
-"""The ``gpt2forge`` command: pick a subcommand, let its module declare its options, call its ``run``.
+"""``python -m gpt2forge.cli``: the ``gpt2forge`` command for launchers (torchrun, accelerate launch) that need
+a module to run. The commands live in ``gpt2forge.commands``."""
 
-Each command lives in the module that does the work, which exposes ``add_arguments(parser)`` and ``run(args)``.
-Only the chosen command's module is imported, so ``gpt2forge sample`` does not pay for ``datasets`` and friends.
-"""
-
-from __future__ import annotations
-
-import argparse
-import importlib
 import sys
 
-from .errors import UserError
-
-COMMANDS: dict[str, tuple[str, str]] = {  # name: (module, one-line help)
-    "quickstart": ("gpt2forge.quickstart", "prepare the embedded corpus, train the tiny model on CPU, evaluate, sample"),
-    "prepare": ("gpt2forge.data.prepare", "tokenize a dataset (hub, local files, embedded corpus) into shards"),
-    "train": ("gpt2forge.train.trainer", "pretrain from a TOML recipe with dotted overrides; resumable"),
-    "eval": ("gpt2forge.eval.cli", "validation loss and HellaSwag of a checkpoint or Hugging Face model"),
-    "report": ("gpt2forge.eval.report", "plots and a markdown summary of a run against the reference numbers"),
-    "sample": ("gpt2forge.sample", "generate text from a checkpoint or Hugging Face model"),
-    "convert": ("gpt2forge.convert", "convert weights between gpt2forge and Hugging Face formats"),
-    "export": ("gpt2forge.convert", "export a checkpoint for the ecosystem: an alias of convert (--to hf)"),
-    "bench": ("gpt2forge.bench", "optimization ablation, trainer overhead and data throughput, side by side"),
-}
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer ≥ 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def token_count(text: str) -> int:
-    """An argparse type: a whole, non-negative number of tokens, like 1000, 100_000_000, 1e8, 250K, 100M, 10B."""
-    scale = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}.get(text[-1:].upper(), 1)
-    try:
-        value = float(text[:-1] if scale > 1 else text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a count: {text!r} (e.g. 1000, 1e8, 250K, 100M)") from None
-    if value < 0 or value * scale != int(value * scale):
-        raise argparse.ArgumentTypeError(f"not a whole, non-negative count: {text!r}")
-    return int(value * scale)
-
-
-def build_parser(command: str) -> argparse.ArgumentParser:
-    module_name, help_text = COMMANDS[command]
-    parser = argparse.ArgumentParser(prog=f"gpt2forge {command}", description=help_text)
-    module = importlib.import_module(module_name)
-    module.add_arguments(parser)
-    parser.set_defaults(run=module.run, accepts_overrides=getattr(module, "ACCEPTS_OVERRIDES", False))
-    return parser
-
-
-def top_level_help() -> str:
-    width = max(map(len, COMMANDS))
-    lines = ["usage: gpt2forge COMMAND [options]   (gpt2forge COMMAND --help for its options)", "", "commands:"]
-    lines += [f"  {name:<{width}}  {help_text}" for name, (_, help_text) in COMMANDS.items()]
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(top_level_help())
-        return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
-    if command not in COMMANDS:
-        print(f"gpt2forge: unknown command {command!r}\n\n{top_level_help()}", file=sys.stderr)
-        return 2
-    parser = build_parser(command)
-    args, extra = parser.parse_known_args(rest)
-    if extra and not args.accepts_overrides:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.command, args.overrides = command, extra
-    try:
-        args.run(args)
-    except UserError as e:
-        print(f"gpt2forge {command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"gpt2forge {command}: interrupted", file=sys.stderr)
-        return 130
-    return 0
-
+from .commands import main
 
 if __name__ == "__main__":
     sys.exit(main())

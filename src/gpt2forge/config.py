@@ -8,11 +8,15 @@ work starts, so a typo fails in the first second with a message naming the key, 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomli_w
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -20,35 +24,10 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .errors import UserError
-from .model import ATTENTION_KINDS, PRESETS, GPTConfig, preset_config
+from .models import ModelConfig, architecture, make_config
+from .models.common import ATTENTION_KINDS
 
 RECIPES_DIR = Path(__file__).parent / "configs"  # shipped inside the package so named recipes work after any install
-
-
-@dataclass
-class ModelSection:
-    preset: str = "gpt2"
-    """Architecture preset: tiny, gpt2 (124M), gpt2-medium, gpt2-large, gpt2-xl."""
-    n_layer: int | None = None
-    """Override the preset's number of layers."""
-    n_head: int | None = None
-    """Override the preset's number of attention heads."""
-    n_embd: int | None = None
-    """Override the preset's width."""
-    block_size: int | None = None
-    """Override the preset's context length (number of learned positions)."""
-    vocab_size: int = 50257
-    """Real vocabulary size: GPT-2's 50,257. Smaller only for tests with synthetic token ids (sampling,
-    HellaSwag and Hugging Face export assume GPT-2's tokenizer)."""
-    vocab_multiple: int = 128
-    """Pad the embedding rows to a multiple of this (128: 50257 → 50304, faster matmuls); 1 = no padding."""
-    attention: str = "sdpa"
-    """sdpa (F.scaled_dot_product_attention: flash on GPU) or manual (explicit masked softmax, for teaching)."""
-
-    def gpt_config(self) -> GPTConfig:
-        overrides = {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(self, k) is not None}
-        return preset_config(self.preset, vocab_size=self.vocab_size, vocab_multiple=self.vocab_multiple,
-                             attention=self.attention, **overrides)
 
 
 @dataclass
@@ -61,26 +40,59 @@ class DataSection:
 
 @dataclass
 class OptimSection:
+    optimizer: str = "adamw"
+    """adamw: AdamW for every parameter (GPT-2's recipe); muon: Muon for the hidden matrices, AdamW for the
+    embeddings, the head, gains and biases (the modern recipe)."""
     lr: float = 6e-4
-    """Peak learning rate, reached after the warmup."""
-    min_lr: float = 6e-5
-    """Learning rate at the end of the cosine decay."""
+    """Peak learning rate (AdamW's), reached after the warmup. The per-role LRs below default to it."""
+    matrix_lr: float | None = None
+    """Peak LR of the hidden matrices (Muon's LR when optimizer = muon); default: optim.lr."""
+    embedding_lr: float | None = None
+    """Peak LR of the token (and position) embeddings; default: optim.lr."""
+    head_lr: float | None = None
+    """Peak LR of an untied output head; default: optim.lr (a tied head is the token embedding)."""
+    scalar_lr: float | None = None
+    """Peak LR of gains and biases (1-D parameters); default: optim.lr."""
+    schedule: str = "cosine"
+    """cosine: warmup, cosine decay to min_lr at decay_steps, then flat. wsd: warmup, stable, then linear
+    decay to min_lr over the last cooldown_fraction of train.max_steps. Every role follows the same shape."""
     warmup_steps: int = 715
     """Linear warmup steps from lr/warmup_steps to lr."""
+    min_lr: float = 6e-5
+    """The floor the schedule decays to (other roles decay to the same fraction of their peak)."""
     decay_steps: int | None = None
-    """Steps of the cosine decay, counted from step 0 (default: train.max_steps)."""
+    """cosine: steps of the decay, counted from step 0 (default: train.max_steps)."""
+    cooldown_fraction: float = 0.2
+    """wsd: fraction of train.max_steps spent in the final linear decay."""
     weight_decay: float = 0.1
-    """AdamW weight decay, applied to ≥2-D parameters only (matmuls, embeddings), never to biases or norms."""
+    """Decoupled weight decay of ≥2-D parameters (matrices, embeddings, head), never of gains and biases."""
+    matrix_weight_decay: float | None = None
+    """Weight decay of the hidden matrices (Muon's when optimizer = muon); default: optim.weight_decay."""
     beta1: float = 0.9
     """AdamW β1."""
     beta2: float = 0.95
     """AdamW β2."""
     eps: float = 1e-8
     """AdamW ε."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this (0 = no clipping; the norm is still logged)."""
     fused: bool = True
     """Use the fused AdamW kernel where the device has one (CUDA and CPU: 4× faster optimizer steps on CPU)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = no clipping; the norm is still logged)."""
+    muon_momentum: float = 0.95
+    """Muon's momentum after its warmup."""
+    muon_momentum_start: float = 0.85
+    """Muon's momentum at step 0, raised linearly to muon_momentum over muon_momentum_warmup_steps."""
+    muon_momentum_warmup_steps: int = 300
+    """Steps of Muon's momentum warmup (0 = muon_momentum from the start)."""
+    muon_nesterov: bool = True
+    """Nesterov momentum in Muon."""
+    muon_ns_steps: int = 5
+    """Newton–Schulz iterations per Muon step."""
+
+    def role_lr(self, role: str) -> float:
+        """Peak LR of a parameter role (matrix, embedding, head, scalar)."""
+        value = getattr(self, f"{role}_lr")
+        return self.lr if value is None else value
 
 
 @dataclass
@@ -104,6 +116,9 @@ class TrainSection:
     change every token)."""
     tf32: bool = True
     """Allow TF32 matmuls on Ampere+ GPUs (fp32 runs and the fp32 parts of bf16 runs)."""
+    attention: str = "sdpa"
+    """sdpa (F.scaled_dot_product_attention: flash on GPUs) or manual (explicit masked softmax, for teaching).
+    A runtime choice: it changes neither the weights nor what a checkpoint can resume."""
     distributed: str = "ddp"
     """ddp (replicate the model) or fsdp (shard parameters, gradients and optimizer state: the larger presets)."""
     max_bad_steps: int = 5
@@ -158,7 +173,8 @@ class LogSection:
 
 @dataclass
 class Config:
-    model: ModelSection = field(default_factory=ModelSection)
+    model: ModelConfig = field(default_factory=make_config)
+    """The architecture's own config (models/): ``arch`` picks it, ``preset`` fills the size, fields override."""
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
@@ -169,7 +185,8 @@ class Config:
     """The recipe's name (its file stem); the default run name."""
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {"name": self.name, "model": self.model.to_dict(),
+                **{s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS if s != "model"}}
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "name")
@@ -180,7 +197,7 @@ def _section_types(section: str) -> dict[str, type]:
     return typing.get_type_hints(cls)
 
 
-def _coerce(value, hint, key: str, from_text: bool):
+def _coerce(value, from_text: bool = False, *, hint, key: str):
     """``value`` as the field's type; text from the command line is parsed, TOML values are type-checked."""
     optional = isinstance(hint, types.UnionType) and type(None) in hint.__args__
     base = next(a for a in hint.__args__ if a is not type(None)) if optional else hint
@@ -215,13 +232,60 @@ def _coerce(value, hint, key: str, from_text: bool):
     return value
 
 
-def _apply(config: Config, section: str, key: str, value, from_text: bool) -> None:
-    if section not in SECTIONS:
-        raise UserError(f"unknown config section {section!r} (in {section}.{key}); sections: {', '.join(SECTIONS)}")
-    hints = _section_types(section)
-    if key not in hints:
-        raise UserError(f"unknown config key {section}.{key}; {section} has: {', '.join(hints)}")
-    setattr(getattr(config, section), key, _coerce(value, hints[key], f"{section}.{key}", from_text))
+# Keys that moved, still read from older recipes and saved run configs: old (section, key) -> new.
+MOVED = {("model", "attention"): ("train", "attention")}
+MODEL_CHOICE_KEYS = ("arch", "preset")  # how the [model] table is read, besides the architecture's own fields
+
+
+class _Loader:
+    """Applies TOML tables and overrides to a Config. ``[model]`` entries are collected and built last, because
+    which fields exist (and their types) depends on ``model.arch``, which may come from any of the sources."""
+
+    def __init__(self) -> None:
+        self.config = Config()
+        self.model: dict[str, tuple[object, bool, str]] = {}  # key -> (value, from_text, where it came from)
+        self.origin = ""  # the recipe being read, named in errors
+
+    def apply(self, section: str, key: str, value, from_text: bool) -> None:
+        section, key = MOVED.get((section, key), (section, key))
+        if section not in SECTIONS:
+            raise UserError(f"unknown config section {section!r} (in {section}.{key}); sections: {', '.join(SECTIONS)}")
+        if section == "model":
+            self.model[key] = (value, from_text, "" if from_text else self.origin)
+            return
+        hints = _section_types(section)
+        if key not in hints:
+            raise UserError(f"unknown config key {section}.{key}; {section} has: {', '.join(hints)}")
+        setattr(getattr(self.config, section), key, _coerce(value, from_text, hint=hints[key], key=f"{section}.{key}"))
+
+    def build_model(self) -> None:
+        """The architecture's config from the collected ``[model]`` entries (arch, preset, then fields)."""
+        def coerce(key: str, hint) -> object:
+            value, from_text, origin = self.model[key]
+            try:
+                return _coerce(value, from_text, hint=hint, key=f"model.{key}")
+            except UserError as e:
+                raise UserError(f"{origin}: {e}" if origin else str(e)) from None
+
+        choice = {k: coerce(k, str) if k in self.model else None for k in MODEL_CHOICE_KEYS}
+        arch = choice["arch"] or "gpt2"
+        try:
+            types_ = architecture(arch).field_types()
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        fields = {}
+        for key in self.model:
+            if key in MODEL_CHOICE_KEYS:
+                continue
+            if key not in types_:
+                origin = self.model[key][2]
+                raise UserError(f"{origin + ': ' if origin else ''}unknown config key model.{key} for arch {arch}; "
+                                f"model has: {', '.join([*MODEL_CHOICE_KEYS, *types_])}")
+            fields[key] = coerce(key, types_[key])
+        try:
+            self.config.model = make_config(arch, choice["preset"], **fields)
+        except ValueError as e:
+            raise UserError(str(e)) from None
 
 
 def resolve_recipe(name_or_path: str) -> Path:
@@ -238,33 +302,37 @@ def resolve_recipe(name_or_path: str) -> Path:
 
 def load_config(recipe: str | None = None, overrides: list[str] = ()) -> Config:
     """Defaults ← recipe TOML ← ``section.key=value`` overrides, then validated."""
-    config = Config()
+    loader = _Loader()
     if recipe is not None:
         path = resolve_recipe(recipe)
         try:
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
             raise UserError(f"{path}: invalid TOML: {e}") from None
+        except OSError as e:
+            raise UserError(f"cannot read recipe {path}: {e.strerror}") from None
         name = data.pop("name", path.stem)  # a run's saved config.toml names its run; a recipe is named by its file
         if not isinstance(name, str):
             raise UserError(f"{path}: top-level name must be a string, got {name!r}")
-        config.name = name or path.stem
-        for section, values in data.items():
-            if not isinstance(values, dict):
-                raise UserError(f"{path}: top-level key {section!r} must be a table like [{section}]")
-            for key, value in values.items():
-                try:
-                    _apply(config, section, key, value, from_text=False)
-                except UserError as e:
-                    raise UserError(f"{path}: {e}") from None
+        loader.config.name = name or path.stem
+        loader.origin = str(path)
+        try:
+            for section, values in data.items():
+                if not isinstance(values, dict):
+                    raise UserError(f"top-level key {section!r} must be a table like [{section}]")
+                for key, value in values.items():
+                    loader.apply(section, key, value, from_text=False)
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
     for item in _pair_overrides(list(overrides)):
         dotted, sep, value = item.partition("=")
         section, dot, key = dotted.removeprefix("--").partition(".")
         if not sep or not dot:
             raise UserError(f"override {item!r} must look like --section.key=value (e.g. --optim.lr=3e-4)")
-        _apply(config, section, key, value, from_text=True)
-    validate(config)
-    return config
+        loader.apply(section, key, value, from_text=True)
+    loader.build_model()
+    validate(loader.config)
+    return loader.config
 
 
 def _pair_overrides(items: list[str]) -> list[str]:
@@ -278,45 +346,68 @@ def _pair_overrides(items: list[str]) -> list[str]:
     return paired
 
 
+CHOICES = {
+    "optim.optimizer": ("adamw", "muon"),
+    "optim.schedule": ("cosine", "wsd"),
+    "train.precision": ("auto", "bf16", "fp32"),
+    "train.distributed": ("ddp", "fsdp"),
+    "train.attention": ATTENTION_KINDS,
+}
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _values(config: Config) -> dict[str, object]:
+    """Every setting by its dotted key."""
+    flat = {f"model.{k}": v for k, v in config.model.to_dict().items()}
+    for section in SECTIONS:
+        if section != "model":
+            flat.update({f"{section}.{k}": v for k, v in dataclasses.asdict(getattr(config, section)).items()})
+    return flat
+
+
 def validate(config: Config) -> None:
     """Check values that are wrong whatever the hardware (batch arithmetic needing the world size is checked at
-    launch, see ``grad_accum_steps``)."""
-    m, t, o, e, c = config.model, config.train, config.optim, config.eval, config.checkpoint
-    if m.preset not in PRESETS:
-        raise UserError(f"model.preset {m.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
-    if m.attention not in ATTENTION_KINDS:
-        raise UserError(f"model.attention must be one of {ATTENTION_KINDS}, got {m.attention!r}")
-    try:
-        gpt = m.gpt_config()
-    except ValueError as err:
-        raise UserError(str(err)) from None
-    positive = {
-        "train.max_steps": t.max_steps, "train.total_batch_tokens": t.total_batch_tokens,
-        "train.micro_batch_size": t.micro_batch_size, "train.seq_len": t.seq_len, "optim.lr": o.lr,
-        "checkpoint.keep_last": c.keep_last, "log.every": config.log.every, "train.max_bad_steps": t.max_bad_steps,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise UserError(f"{key} must be positive, got {value}")
-    non_negative = {
-        "optim.min_lr": o.min_lr, "optim.warmup_steps": o.warmup_steps, "optim.weight_decay": o.weight_decay,
-        "optim.grad_clip": o.grad_clip, "eval.val_every": e.val_every, "eval.val_tokens": e.val_tokens,
-        "eval.hellaswag_every": e.hellaswag_every, "eval.hellaswag_limit": e.hellaswag_limit,
-        "eval.sample_every": e.sample_every, "checkpoint.every": c.every,
-    }
-    for key, value in non_negative.items():
-        if value < 0:
-            raise UserError(f"{key} must be ≥ 0, got {value}")
-    if t.seq_len > gpt.block_size:
-        raise UserError(f"train.seq_len ({t.seq_len}) exceeds the model's context length ({gpt.block_size})")
+    launch, see ``grad_accum_steps``). A NaN or infinite number is refused anywhere: one would train for hours
+    and end with a NaN model."""
+    m, t, o, e = config.model, config.train, config.optim, config.eval
+    values = _values(config)
+    for key, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{key} must be a finite number, got {value}")
+    for key, allowed in CHOICES.items():
+        if values[key] not in allowed:
+            raise UserError(f"{key} must be one of {', '.join(allowed)}, got {values[key]!r}")
+    positive = ["train.max_steps", "train.total_batch_tokens", "train.micro_batch_size", "train.seq_len", "optim.lr",
+                "optim.eps", "checkpoint.keep_last", "log.every", "train.max_bad_steps", "optim.muon_ns_steps",
+                "optim.matrix_lr", "optim.embedding_lr", "optim.head_lr", "optim.scalar_lr", "optim.decay_steps"]
+    for key in positive:
+        if values[key] is not None and values[key] <= 0:
+            raise UserError(f"{key} must be positive, got {values[key]}")
+    non_negative = ["optim.min_lr", "optim.warmup_steps", "optim.weight_decay", "optim.matrix_weight_decay",
+                    "optim.grad_clip", "optim.muon_momentum_warmup_steps", "eval.val_every", "eval.val_tokens",
+                    "eval.hellaswag_every", "eval.hellaswag_limit", "eval.sample_every", "eval.sample_tokens",
+                    "eval.num_samples", "checkpoint.every"]
+    for key in non_negative:
+        if values[key] is not None and values[key] < 0:
+            raise UserError(f"{key} must be ≥ 0, got {values[key]}")
+    unit = {"optim.beta1": o.beta1, "optim.beta2": o.beta2, "optim.muon_momentum": o.muon_momentum,
+            "optim.muon_momentum_start": o.muon_momentum_start}
+    for key, value in unit.items():
+        if not 0 <= value < 1:
+            raise UserError(f"{key} must be in [0, 1), got {value}")
+    if not 0 < o.cooldown_fraction <= 1:
+        raise UserError(f"optim.cooldown_fraction must be in (0, 1], got {o.cooldown_fraction}")
     if o.min_lr > o.lr:
         raise UserError(f"optim.min_lr ({o.min_lr}) is larger than optim.lr ({o.lr})")
-    if not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1):
-        raise UserError("optim.beta1 and optim.beta2 must be in [0, 1)")
-    choices = {"train.precision": (t.precision, ("auto", "bf16", "fp32")), "train.distributed": (t.distributed, ("ddp", "fsdp"))}
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise UserError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+    if t.seq_len > m.block_size:
+        raise UserError(f"train.seq_len ({t.seq_len}) exceeds the model's context length (model.block_size = {m.block_size})")
+    if not DEVICE.match(t.device):
+        raise UserError(f"train.device must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}")
+    if o.optimizer == "muon" and t.distributed == "fsdp":
+        raise UserError("optim.optimizer=muon cannot run with train.distributed=fsdp: Muon orthogonalises whole "
+                        "matrices, which FSDP shards across ranks; use train.distributed=ddp (or optim.optimizer=adamw)")
+    if e.sample_every and (e.sample_tokens == 0 or e.num_samples == 0):
+        raise UserError("eval.sample_tokens and eval.num_samples must be positive when eval.sample_every is set")
 
 
 def grad_accum_steps(config: Config, world_size: int) -> int:
@@ -334,19 +425,8 @@ def grad_accum_steps(config: Config, world_size: int) -> int:
 
 
 def to_toml(config: Config) -> str:
-    """The resolved config as TOML (None values are left out: they mean 'the default')."""
-    lines = [f'name = "{config.name}"', ""]
-    for section in SECTIONS:
-        lines.append(f"[{section}]")
-        for key, value in dataclasses.asdict(getattr(config, section)).items():
-            if value is None:
-                continue
-            if isinstance(value, bool):
-                text = "true" if value else "false"
-            elif isinstance(value, str):
-                text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-            else:
-                text = repr(value)
-            lines.append(f"{key} = {text}")
-        lines.append("")
-    return "\n".join(lines)
+    """The resolved config as TOML, readable back by ``load_config`` to the same config (None values are left
+    out: they mean 'the default')."""
+    data = {k: ({kk: vv for kk, vv in v.items() if vv is not None} if isinstance(v, dict) else v)
+            for k, v in config.to_dict().items()}
+    return tomli_w.dumps(data)

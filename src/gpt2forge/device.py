@@ -1,4 +1,7 @@
-"""What hardware we run on: device choice, a description for run records, and peak FLOP/s for MFU."""
+"""What hardware we run on: device choice, autocast precision, a description for run records, peak FLOP/s for MFU.
+
+Shared by training, evaluation and the benchmark, so that "auto" means the same thing everywhere.
+"""
 
 from __future__ import annotations
 
@@ -39,6 +42,30 @@ def pick_device(name: str = "auto") -> str:
     if torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype for a ``precision`` setting (fp32, bf16, auto) on ``device``; None = no autocast.
+
+    ``auto`` is bf16 only on GPUs that compute it natively (Ampere and newer): older GPUs emulate bf16,
+    slower than fp32.
+    """
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device | str, dtype: torch.dtype | None):
+    """``torch.autocast`` for ``dtype``, or a no-op context for None (fp32)."""
+    device = torch.device(device)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def device_name(device: torch.device | str) -> str:

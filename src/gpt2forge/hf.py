@@ -1,7 +1,9 @@
-"""Hugging Face interop: read a ``GPT2LMHeadModel`` directory (or hub name) into our GPT, write ours out as one.
+"""Hugging Face interop, a GPT-2 adapter: read a ``GPT2LMHeadModel`` directory (or hub name) as our GPT-2's
+config and state dict, and write our GPT-2 out as one.
 
 The layouts differ only in that Hugging Face stores the four projection matrices as ``Conv1D`` ([in, out]),
-where we use ``nn.Linear`` ([out, in]): those four are transposed, everything else maps by name. Nothing here
+where we use ``nn.Linear`` ([out, in]): those four are transposed, everything else maps by name. Other
+architectures of ours have no exact ``transformers`` counterpart and are refused with a message. Nothing here
 imports ``transformers``; the exported directory loads with ``AutoModelForCausalLM`` and ``AutoTokenizer``.
 """
 
@@ -11,15 +13,14 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
-from .model import EOT_TOKEN, GPT, GPTConfig
-from .tokenizer import get_tokenizer
+from .models.gpt2 import GPT, GPTConfig
+from .tokenizer import EOT_TOKEN, get_tokenizer
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 IGNORED_HF_KEYS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers in older checkpoints
@@ -33,7 +34,7 @@ def _read_json(path: Path) -> dict:
         raise UserError(f"cannot read {path}: {e}") from None
 
 
-def config_from_hf(hf: dict, origin: str) -> GPTConfig:
+def config_from_hf(hf: dict, origin: str, vocab_multiple: int = 1) -> GPTConfig:
     """Our GPTConfig for a Hugging Face GPT-2 config.json, refusing architectures we do not implement."""
     if hf.get("model_type") != "gpt2":
         raise UserError(f"{origin}: model_type is {hf.get('model_type')!r}, but only 'gpt2' models can be loaded")
@@ -57,6 +58,7 @@ def config_from_hf(hf: dict, origin: str) -> GPTConfig:
             n_embd=hf["n_embd"],
             block_size=hf["n_positions"],
             vocab_size=hf["vocab_size"],
+            vocab_multiple=vocab_multiple,
             layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
         )
     except KeyError as e:
@@ -83,8 +85,8 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor], config: GPTConfig, ori
     """Rename/transpose Hugging Face GPT-2 weights into our module's state dict (padding the vocab if asked)."""
     state = {}
     for key, value in hf_state.items():
-        if key.endswith(IGNORED_HF_KEYS) or key == "lm_head.weight":
-            continue  # lm_head is tied to wte
+        if key.endswith(IGNORED_HF_KEYS) or key in GPT.tied_weights:
+            continue  # restored from its source below
         if not key.startswith("transformer."):
             key = "transformer." + key  # checkpoints saved from GPT2Model have no prefix
         if key.endswith(CONV1D_WEIGHTS):
@@ -96,26 +98,9 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor], config: GPTConfig, ori
     if config.padded_vocab_size > wte.size(0):
         pad = wte.new_zeros(config.padded_vocab_size - wte.size(0), wte.size(1))
         state["transformer.wte.weight"] = torch.cat([wte, pad])
-    state["lm_head.weight"] = state["transformer.wte.weight"]
+    for alias, source in GPT.tied_weights.items():
+        state[alias] = state[source]
     return state
-
-
-def load_state_checked(model: GPT, state: dict[str, torch.Tensor], origin: str) -> None:
-    """Load weights strictly, turning key or shape mismatches into one message naming the source."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:4]}{' …' if len(missing) > 4 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:4]}{' …' if len(unexpected) > 4 else ''}")
-        if wrong:
-            parts.append(f"wrong shapes {wrong[:3]}")
-        raise UserError(f"{origin}: weights do not fit a {model.config.n_layer}-layer GPT-2: " + "; ".join(parts))
-    model.load_state_dict(state)
 
 
 def _local_or_download(name_or_path: str | os.PathLike) -> Path:
@@ -138,19 +123,26 @@ def _local_or_download(name_or_path: str | os.PathLike) -> Path:
         ) from None
 
 
-def load_hf_model(name_or_path: str | os.PathLike, **config_overrides) -> GPT:
-    """A GPT with the weights of a Hugging Face GPT-2 (local directory, or hub name when online).
+def read_hf_model(name_or_path: str | os.PathLike, vocab_multiple: int | None = None) -> tuple[GPTConfig, dict]:
+    """(our GPT-2 config, our state dict) of a Hugging Face GPT-2: a local directory, or a hub name when online.
 
-    ``config_overrides`` set runtime-only GPTConfig fields such as ``attention`` or ``vocab_multiple``.
+    ``vocab_multiple`` pads the vocabulary (e.g. 128 to train on from OpenAI's weights; default: none).
     """
     directory = _local_or_download(name_or_path)
     if not (directory / "config.json").is_file():
         raise UserError(f"{directory} has no config.json: not a Hugging Face model directory")
-    config = replace(config_from_hf(_read_json(directory / "config.json"), str(directory)), **config_overrides)
-    model = GPT(config)
-    state = state_dict_from_hf(_read_hf_weights(directory), config, str(directory))
-    load_state_checked(model, state, str(directory))
-    return model
+    config = config_from_hf(_read_json(directory / "config.json"), str(directory), vocab_multiple or 1)
+    return config, state_dict_from_hf(_read_hf_weights(directory), config, str(directory))
+
+
+def refuse_other_architectures(model) -> None:
+    if model.config.arch != "gpt2":
+        raise UserError(
+            f"this model's architecture is {model.config.arch!r}: Hugging Face export writes GPT-2 "
+            "(GPT2LMHeadModel) only, and no transformers architecture matches this one exactly (rotary "
+            "positions, RMSNorm, QK-norm, ReLU², soft-capped logits). Use our checkpoint directory as it is: "
+            "`gpt2forge sample` and `gpt2forge eval` read it"
+        )
 
 
 def hf_config(config: GPTConfig) -> dict:
@@ -180,12 +172,12 @@ def hf_config(config: GPTConfig) -> dict:
     }
 
 
-def hf_state_dict(model: GPT, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def hf_state_dict(model, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Our weights under Hugging Face names and layout, vocab padding sliced off, lm_head left to the tie."""
     vocab = model.config.vocab_size
     out = {}
     for key, value in model.state_dict().items():
-        if key == "lm_head.weight":
+        if key in GPT.tied_weights:
             continue
         value = value.detach().to("cpu", dtype)
         if key == "transformer.wte.weight":
@@ -196,8 +188,9 @@ def hf_state_dict(model: GPT, dtype: torch.dtype = torch.float32) -> dict[str, t
     return out
 
 
-def export_hf(model: GPT, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32, vocab_dir: str | None = None) -> Path:
+def export_hf(model, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32, vocab_dir: str | None = None) -> Path:
     """Write ``model`` as a Hugging Face GPT-2 directory (weights, config, GPT-2 tokenizer files), atomically."""
+    refuse_other_architectures(model)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"export directory {out} exists and is not empty; choose a new one")

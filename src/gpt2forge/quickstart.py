@@ -7,14 +7,12 @@ that learned anything about context beats it clearly), writes the report plot an
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 from pathlib import Path
 
 import numpy as np
 
-from .cli import positive_int
 from .errors import UserError
 
 log = logging.getLogger("gpt2forge.train")
@@ -75,14 +73,3 @@ def quickstart(data_dir: str, out_dir: str, steps: int | None = None, workers: i
         log.info("--- sample %d ---\nThe%s", i + 1, text)
     log.info("\nnext: gpt2forge sample --model %s --prompt '...'; the real run: see README.md", result.run_dir)
     return {"val_loss": val_loss, "unigram_loss": baseline, "run_dir": result.run_dir}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", default="data/embedded", help="where the corpus shards go (default data/embedded)")
-    parser.add_argument("--out-dir", default="out", help="parent of the run directory (default out → out/quickstart)")
-    parser.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the quickstart recipe's)")
-    parser.add_argument("--workers", type=positive_int, default=None, help="tokenizer processes (default: all cores)")
-
-
-def run(args: argparse.Namespace) -> None:
-    quickstart(args.data_dir, args.out_dir, args.steps, args.workers)

@@ -1,7 +1,9 @@
 """Model weights on disk: our safetensors format, and ``load_model`` for anything a user may point at.
 
-Our ``model.safetensors`` carries the model's GPTConfig in its metadata, so a weights file is self-describing
-(no pickled objects, unlike ``torch.save`` checkpoints). ``load_model`` accepts a checkpoint directory
+Our ``model.safetensors`` carries the model's config (with its ``arch``) in the metadata, so a weights file is
+self-describing (no pickled objects, unlike ``torch.save`` checkpoints). Weights the architecture declares tied
+(``tied_weights``: GPT-2's head is its token embedding) are stored once and restored on reading; every other
+tensor, an untied head included, is stored as itself. ``load_model`` accepts a checkpoint directory
 (``step-NNNNNN/``), a run directory (follows its ``latest`` pointer), a Hugging Face GPT-2 directory, or a hub
 name when online.
 """
@@ -17,28 +19,29 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
-from .hf import load_hf_model, load_state_checked
-from .model import GPT, GPTConfig
+from .hf import read_hf_model
+from .models import ModelConfig, Runtime, architecture, build_model, config_from_dict
+from .runs import LATEST, resolve_checkpoint_dir
 
 MODEL_FILE = "model.safetensors"
 CONFIG_KEY = "gpt2forge.model_config"
-LATEST = "latest"  # file in a run directory naming its newest complete checkpoint
 
 
-def save_weights(state: dict[str, torch.Tensor], config: GPTConfig, directory: str | os.PathLike) -> Path:
-    """Write a GPT state dict and its config to ``directory/model.safetensors`` (tied lm_head stored once)."""
+def save_weights(state: dict[str, torch.Tensor], config: ModelConfig, directory: str | os.PathLike) -> Path:
+    """Write a model's state dict and config to ``directory/model.safetensors`` (tied aliases stored once)."""
     path = Path(directory) / MODEL_FILE
-    tensors = {k: v.detach().contiguous() for k, v in state.items() if k != "lm_head.weight"}
+    aliases = architecture(config.arch).model_class.tied_weights
+    tensors = {k: v.detach().contiguous() for k, v in state.items() if k not in aliases}
     save_file(tensors, path, metadata={"format": "pt", CONFIG_KEY: json.dumps(config.to_dict())})
     return path
 
 
-def save_model(model: GPT, directory: str | os.PathLike) -> Path:
+def save_model(model: torch.nn.Module, directory: str | os.PathLike) -> Path:
     return save_weights(model.state_dict(), model.config, directory)
 
 
-def read_model_config(path: Path) -> GPTConfig | None:
-    """The GPTConfig stored in one of our weights files, or None for a safetensors file of another origin."""
+def read_model_config(path: Path) -> ModelConfig | None:
+    """The config stored in one of our weights files, or None for a safetensors file of another origin."""
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
@@ -47,25 +50,47 @@ def read_model_config(path: Path) -> GPTConfig | None:
     if CONFIG_KEY not in metadata:
         return None
     try:
-        return GPTConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
+        return config_from_dict(json.loads(metadata[CONFIG_KEY]))
     except (ValueError, TypeError) as e:
         raise UserError(f"{path}: bad model config in metadata: {e}") from None
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The full state dict of one of our weights files, the tied ``lm_head.weight`` restored (on the CPU)."""
+def read_weights(path: Path, config: ModelConfig | None = None) -> dict[str, torch.Tensor]:
+    """The full state dict of one of our weights files (on the CPU), tied aliases restored."""
+    config = config or read_model_config(path)
     try:
         state = load_file(path)
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path} is not a readable safetensors file: {e}") from None
-    if "transformer.wte.weight" in state:
-        state["lm_head.weight"] = state["transformer.wte.weight"]  # the tie
+    if config is not None:
+        for alias, source in architecture(config.arch).model_class.tied_weights.items():
+            if source in state:
+                state[alias] = state[source]
     return state
 
 
-def load_weights(model: GPT, path: Path) -> None:
+def load_state_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
+    """Load weights strictly, turning key or shape mismatches into one message naming the source."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:4]}{' …' if len(missing) > 4 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:4]}{' …' if len(unexpected) > 4 else ''}")
+        if wrong:
+            parts.append(f"wrong shapes {wrong[:3]}")
+        c = model.config
+        raise UserError(f"{origin}: weights do not fit a {c.n_layer}-layer {c.arch} model: " + "; ".join(parts))
+    model.load_state_dict(state)
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
     """Load our weights file into an existing model (same architecture), with a clear error otherwise."""
-    load_state_checked(model, read_weights(path), str(path))
+    load_state_checked(model, read_weights(path, model.config), str(path))
 
 
 def our_checkpoint(path: str | os.PathLike) -> Path | None:
@@ -76,32 +101,24 @@ def our_checkpoint(path: str | os.PathLike) -> Path | None:
     return directory if weights.is_file() and read_model_config(weights) is not None else None
 
 
-def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
-    """A run directory resolves to the checkpoint its ``latest`` pointer names; other paths are returned as is."""
-    path = Path(path)
-    latest = path / LATEST
-    if latest.is_file():
-        target = path / latest.read_text().strip()
-        if not target.is_dir():
-            raise UserError(f"{latest} points to {target.name}, which does not exist")
-        return target
-    return path
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", runtime: Runtime | None = None,
+               vocab_multiple: int | None = None) -> torch.nn.Module:
+    """A model from our checkpoint/run directory, a Hugging Face directory or a hub name, in eval mode.
 
-
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", **config_overrides) -> GPT:
-    """A GPT from our checkpoint/run directory, a Hugging Face directory or a hub name, in eval mode.
-
-    ``config_overrides`` change runtime-only fields (``attention``, ``vocab_multiple``) of the stored config.
+    ``runtime`` picks how it computes (attention kernel); ``vocab_multiple`` re-pads the vocabulary of a
+    Hugging Face model (ours keep the padding they were trained with).
     """
     directory = resolve_checkpoint_dir(path)
     weights = directory / MODEL_FILE
     config = read_model_config(weights) if weights.is_file() else None
     if config is not None:
-        config = GPTConfig.from_dict({**config.to_dict(), **config_overrides})
-        model = GPT(config)
+        model = build_model(config, runtime)
         load_weights(model, weights)
     elif (directory / "config.json").is_file() or not directory.exists():
-        model = load_hf_model(directory if directory.exists() else str(path), **config_overrides)
+        source = directory if directory.exists() else str(path)
+        config, state = read_hf_model(source, vocab_multiple)
+        model = build_model(config, runtime)
+        load_state_checked(model, state, str(source))
     elif directory.is_dir():
         raise UserError(
             f"{directory} is neither a gpt2forge checkpoint ({MODEL_FILE} with a model config) nor a run directory "

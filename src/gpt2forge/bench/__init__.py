@@ -20,9 +20,7 @@ medians stay comparable. The load average and the CPU time other processes took 
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -37,11 +35,11 @@ from ..device import hardware_summary, library_versions
 from ..files import atomic_write_json, atomic_write_text
 from .measure import LoadMeter, device_kind, free_memory
 from .memory import run_memory
-from .options import SECTIONS, TARGETS, BenchOptions, add_arguments, resolve_options
+from .options import SECTIONS, TARGETS, BenchOptions, resolve_options
 from .overhead import run_overhead
 from .report import to_markdown
 
-__all__ = ["SECTIONS", "BenchOptions", "add_arguments", "resolve_options", "run", "run_bench"]
+__all__ = ["SECTIONS", "BenchOptions", "resolve_options", "run_bench"]
 log = logging.getLogger("gpt2forge.bench")
 
 
@@ -97,16 +95,3 @@ def write_results(result: dict, opts: BenchOptions) -> None:
     atomic_write_text(stem.with_suffix(".md"), to_markdown(result))
     result["files"] = [str(stem.with_suffix(".json")), str(stem.with_suffix(".md"))]
     log.info("wrote %s.{json,md}", stem)
-
-
-def run(args: argparse.Namespace) -> None:
-    opts = resolve_options(args)
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
-    log.info("bench: %s", opts.command())
-    result = run_bench(opts)
-    print(to_markdown(result))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..device import peak_flops
-from ..model import GPT, preset_config
+from ..models import Runtime, build_model, make_config
 from .measure import (
     VOCAB,
     StepMemory,
@@ -74,7 +74,7 @@ def unavailable(stage: Stage, settings: dict, device: torch.device, quick: bool)
     if stage.key == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return "this GPU has no bf16"
     if stage.key == "fused" and not fuses_adamw(device):
-        return f"build_optimizer has no fused AdamW for {device.type}: this row would repeat the one above"
+        return f"build_optimizers has no fused AdamW for {device.type}: this row would repeat the one above"
     if quick and settings["compile"]:
         return QUICK_SKIP
     return None
@@ -85,8 +85,8 @@ class Contender:
 
     def __init__(self, settings: dict, preset: str, device: torch.device, batch: tuple) -> None:
         torch.manual_seed(0)
-        config = preset_config(preset, attention=settings["attention"], vocab_multiple=settings["vocab_multiple"])
-        self.model = GPT(config).to(device)
+        config = make_config("gpt2", preset, vocab_multiple=settings["vocab_multiple"])
+        self.model = build_model(config, Runtime(attention=settings["attention"])).to(device)
         self.optimizer = adamw(self.model, settings["fused"], device)
         self.forward = torch.compile(self.model) if settings["compile"] else self.model
         self.settings, self.device, self.batch = settings, device, batch

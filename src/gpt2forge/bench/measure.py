@@ -19,7 +19,9 @@ import torch
 
 from ..config import OptimSection
 from ..device import PEAK_BF16_TFLOPS
-from ..train.optim import build_optimizer
+from ..device import autocast as device_autocast
+from ..optim import adamw as build_adamw
+from ..optim import build_optimizers
 
 VOCAB = 50257
 QUIET_CORES = 0.25  # a timing counts as uncontended when other processes kept fewer cores busy (bench_prepare too)
@@ -180,16 +182,17 @@ def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int
 
 def adamw(model: torch.nn.Module, fused: bool, device: torch.device) -> torch.optim.AdamW:
     """The Trainer's AdamW (the recipe's defaults and parameter groups) with fusing asked for or not."""
-    return build_optimizer(model, OptimSection(fused=fused), device.type)
+    return build_optimizers(model, OptimSection(fused=fused), device.type, max_steps=1).optimizers["adamw"]
 
 
 def fuses_adamw(device: torch.device) -> bool:
-    """Whether ``build_optimizer`` fuses AdamW on this device: asked on a one-layer model, so its rule is not copied."""
-    return bool(adamw(torch.nn.Linear(1, 1), True, device).defaults["fused"])
+    """Whether the optimizer builder fuses AdamW on this device: asked on one parameter, so its rule is not copied."""
+    one = [{"params": [torch.nn.Parameter(torch.zeros(1))]}]
+    return bool(build_adamw(one, OptimSection(fused=True), device.type).defaults["fused"])
 
 
 def autocast(device: torch.device, bf16: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    return device_autocast(device, torch.bfloat16 if bf16 else None)
 
 
 def bare_step(model, forward, optimizer, x, y, autocast_context) -> None:

@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from ..model import GPT, preset_config
+from ..models import build_model, make_config
 from .measure import VOCAB, adamw, autocast, bare_step, failure, free_memory, state_bytes
 from .options import BenchOptions
 
@@ -53,7 +53,7 @@ def run_memory(opts: BenchOptions, device: torch.device) -> dict:
 
 def measure_preset(preset: str, batch_size: int, device: torch.device) -> dict:
     torch.manual_seed(0)
-    model = GPT(preset_config(preset, vocab_multiple=128)).to(device)
+    model = build_model(make_config("gpt2", preset, vocab_multiple=128)).to(device)
     optimizer = adamw(model, True, device)
     peaks = {}  # micro-batch → peak GiB
 

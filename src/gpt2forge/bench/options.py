@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..cli import positive_int
 from ..device import pick_device
 from ..errors import UserError
-from ..model import PRESETS
+from ..models.gpt2 import PRESETS
 
 SECTIONS = ("ablation", "overhead", "data", "memory")
 # (preset, micro-batch, seq len, timed steps per round, rounds) per device kind. GPU: build-nanogpt's ablation
@@ -59,7 +57,7 @@ class BenchOptions:
         return shlex.join(parts)
 
 
-def resolve_options(args: argparse.Namespace) -> BenchOptions:
+def resolve_options(args) -> BenchOptions:
     """Per-device defaults for what was not given, and checks that fail before any work starts."""
     device = pick_device(args.device)
     if device == "cuda" and not torch.cuda.is_available():
@@ -85,21 +83,3 @@ def resolve_options(args: argparse.Namespace) -> BenchOptions:
     if opts.seq_len > block:
         raise UserError(f"--seq-len {opts.seq_len} exceeds the context length of {opts.preset} ({block})")
     return opts
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", help="model preset (default: gpt2 on CUDA, tiny on CPU and MPS)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
-                        help="default: auto (CUDA, then MPS, then CPU)")
-    parser.add_argument("--batch-size", type=positive_int,
-                        help="micro-batch of the ablation and overhead (CUDA 16, CPU and MPS 8)")
-    parser.add_argument("--seq-len", type=positive_int, help="sequence length (CUDA 1024, CPU and MPS 256)")
-    parser.add_argument("--steps", type=positive_int, help="timed steps per round (CUDA 10, CPU and MPS 3)")
-    parser.add_argument("--repeats", type=positive_int, help="rounds; medians are reported (default 5)")
-    parser.add_argument("--only", metavar="SECTIONS", help=f"comma-separated subset of {','.join(SECTIONS)}")
-    parser.add_argument("--quick", action="store_true",
-                        help="seconds-long smoke mode (tiny model, B=2, T=64, compile rows skipped); results go to "
-                             "bench-<device>-quick.*")
-    parser.add_argument("--profile", action="store_true",
-                        help="print torch.profiler's top 10 kernels (CUDA) / ops (CPU) of the fastest configuration")
-    parser.add_argument("--out", default="benchmarks/results", help="directory of bench-<device>.{json,md}")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..device import autocast
 from .measure import bare_step, is_quiet, spread, timed
 from .options import TARGET_OVERHEAD_PCT, BenchOptions
 
@@ -41,7 +42,7 @@ def overhead_config(opts: BenchOptions, device: torch.device, data_dir: Path, ou
     settings = {
         "model.preset": opts.preset, "data.dir": data_dir, "log.out_dir": out_dir, "log.run_name": "overhead",
         "train.micro_batch_size": opts.batch_size, "train.seq_len": opts.seq_len,
-        "train.total_batch_tokens": opts.batch_size * opts.seq_len, "train.max_steps": 1,
+        "train.total_batch_tokens": opts.batch_size * opts.seq_len, "train.max_steps": 1_000_000,
         "train.device": device.type, "train.precision": "auto" if cuda else "fp32",
         "train.compile": cuda and not opts.quick,  # CPU: as the quickstart recipe (compiling costs more than it saves)
         "optim.warmup_steps": 10, "optim.decay_steps": 10_000,  # a schedule that does not move with max_steps
@@ -58,17 +59,16 @@ def run_overhead(opts: BenchOptions, device: torch.device, data_dir: Path, work_
     rounds, k = 2 * opts.repeats, opts.steps
     with quiet_train_log():
         trainer = Trainer(config)
-        # The final checkpoint run() writes when it reaches max_steps is not a per-step cost: this benchmark calls
-        # run() once per block, so it is switched off on this instance (checkpoint cadence is off anyway).
-        trainer.save_checkpoint = lambda: None
         try:
-            def trainer_block() -> None:
-                trainer.config.train.max_steps = trainer.step + k
-                trainer.run()
+            def trainer_block() -> None:  # k steps of the real loop (max_steps is far away: no final checkpoint)
+                trainer.run(until=trainer.step + k)
+
+            def trainer_autocast():
+                return autocast(trainer.parallel.device, trainer.autocast_dtype)
 
             def bare_block(batches) -> None:
                 for x, y in batches:
-                    bare_step(trainer.wrapped, trainer.train_model, trainer.optimizer, x, y, trainer.autocast)
+                    bare_step(trainer.wrapped, trainer.train_model, trainer.optimizers, x, y, trainer_autocast)
 
             def replay() -> list:  # the batches of the trainer's last block, on the device before timing starts
                 steps = range(trainer.step - k, trainer.step)

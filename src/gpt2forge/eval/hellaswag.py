@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..model import EOT_TOKEN, IGNORE_INDEX
+from ..models import IGNORE_INDEX
+from ..tokenizer import EOT_TOKEN
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 N_ENDINGS = 4

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import torch
 
 from ..errors import UserError
-from ..model import IGNORE_INDEX
+from ..models import IGNORE_INDEX
 
 
 @torch.no_grad()

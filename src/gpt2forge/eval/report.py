@@ -7,7 +7,6 @@ winning, so eval rows join their step and a resumed run's re-logged steps replac
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import os
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..train.metrics import COLUMNS, format_duration
+from ..runs import COLUMNS, format_duration
 
 
 @dataclass(frozen=True)
@@ -366,14 +365,3 @@ def write_report(run: str | os.PathLike, compare: str | os.PathLike | None = Non
     notes = render_png(runs, png)
     md.write_text(render_markdown(runs, png.name, notes))
     return png, md
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", help="run directory holding metrics.csv (the trainer's output directory), or the "
-                                         "metrics.csv itself; the report is written beside it")
-    parser.add_argument("--compare", help="another run directory or metrics.csv to overlay")
-
-
-def run(args: argparse.Namespace) -> None:
-    png, md = write_report(args.run_dir, args.compare)
-    print(f"wrote {png} and {md}")

@@ -1,57 +1,113 @@
-"""Training checkpoints: named pieces, written atomically, the newest K kept.
+"""Training checkpoints: a dict of stateful pieces, each saved to its own file, atomically, the newest K kept.
 
-``RUN_DIR/step-000123/`` holds
+The pieces are a dict ``{file name: stateful object}``; every object has ``state_dict()``/``load_state_dict()``
+(collective under FSDP: every rank calls them), and the format follows the file's suffix: ``.json`` (counters,
+the loader position), ``.pt`` (tensors: optimizer state, read with ``torch.load(weights_only=True)``),
+``.safetensors`` (the model, its config in the metadata, so the weights load on their own for sampling and
+export). Saving and loading iterate the dict, so an EMA copy or a data mixture is one more entry.
 
-- ``model.safetensors``: the weights, with the model config in the metadata (loads on its own for sampling),
-- ``optimizer.pt``: the AdamW state (tensors and numbers only: loads with ``weights_only=True``),
-- ``train_state.json``: step, tokens seen, loader position, world size, elapsed time,
-- ``rng.pt``: the torch RNG states of every rank,
-- ``config.toml``: the resolved run config,
-- ``training_eval.json``: the validation loss / HellaSwag results of this step, when an evaluation fell on it
-  (``gpt2forge eval`` writes its own ``eval.json`` beside it).
-
-The directory is written as ``step-000123.tmp``, every file fsynced, then renamed: a directory without the
-suffix is complete by construction, and a crash mid-save leaves the previous checkpoint untouched. The run
-directory's ``latest`` file is then replaced atomically, and only after that are old checkpoints pruned.
+``RUN_DIR/step-000123/`` is written as ``step-000123.tmp``: every piece, ``config.toml``, the evaluation of that
+step (``training_eval.json``) if there was one, and last a ``manifest.json`` with every file's size and sha256;
+each file fsynced, then the directory renamed. A directory without the suffix is therefore complete by
+construction, a crash mid-save leaves the previous checkpoint untouched, and a resume verifies the files
+against the manifest before trusting them. The run directory's ``latest`` is replaced atomically after the
+rename, and only then are old checkpoints pruned.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
+from .. import runs
 from ..errors import UserError
 from ..files import atomic_write_text, fsync_dir
-from ..model import GPTConfig
-from ..weights import LATEST, MODEL_FILE, save_weights
+from ..runs import MANIFEST, checkpoint_step, complete_checkpoints, newest_checkpoint, step_dir_name
+from ..weights import MODEL_FILE, read_weights, save_weights  # noqa: F401 -- MODEL_FILE: the model piece's file
 
-STEP_DIR = re.compile(r"^step-(\d{6,})$")
-PIECES = (MODEL_FILE, "optimizer.pt", "train_state.json", "rng.pt", "config.toml")
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:06d}"
+OPTIMIZER_FILE = "optimizer.pt"
+LOADER_FILE = "loader.json"
 
 
-def checkpoint_step(path: Path) -> int:
-    return int(STEP_DIR.match(path.name).group(1))
+class Piece(Protocol):
+    """One stateful part of a run, saved to its own file in every checkpoint."""
+
+    def state_dict(self): ...
+
+    def load_state_dict(self, state) -> None: ...
 
 
-def is_complete(path: Path) -> bool:
-    return path.is_dir() and STEP_DIR.match(path.name) is not None and all((path / p).is_file() for p in PIECES)
+def write_piece(piece: Piece, state, path: Path) -> None:
+    if path.suffix == ".json":
+        path.write_text(json.dumps(state, indent=2) + "\n")
+    elif path.suffix == ".safetensors":
+        save_weights(state, piece.config, path.parent)
+    else:
+        torch.save(state, path)
 
 
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoint directories of a run, by step, oldest first."""
-    if not run_dir.is_dir():
-        return []
-    return sorted((p for p in run_dir.iterdir() if is_complete(p)), key=checkpoint_step)
+def read_piece(piece: Piece, path: Path):
+    """A piece's saved state, or a UserError naming the file when it cannot be read."""
+    try:
+        if path.suffix == ".json":
+            return json.loads(path.read_text())
+        if path.suffix == ".safetensors":
+            return read_weights(path, piece.config)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- truncated zip, bad JSON, unpickling: one message, naming the file
+        raise UserError(f"{path} is damaged and cannot be read ({type(e).__name__}: {e}); resume from another "
+                        "checkpoint with --resume PATH") from None
+
+
+class ModelPiece:
+    """The model's full (unsharded) state dict, gathered from FSDP shards when sharded; ``config`` goes into the
+    weights file's metadata."""
+
+    def __init__(self, wrapped: torch.nn.Module, config) -> None:
+        self.wrapped, self.config = wrapped, config
+
+    def state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(self.wrapped, state, options=StateDictOptions(full_state_dict=True))
+
+
+class OptimizersPiece:
+    """Every optimizer's state by name (``{"adamw": ..., "muon": ...}``), full (unsharded) under FSDP."""
+
+    def __init__(self, wrapped: torch.nn.Module, optimizers) -> None:
+        self.wrapped, self.optimizers = wrapped, optimizers
+
+    def state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return {name: get_optimizer_state_dict(self.wrapped, opt, options=options) for name, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        if "state" in state and "param_groups" in state:  # saved before optimizers had names: one AdamW
+            state = {"adamw": state}
+        missing = [name for name, _ in self.optimizers.items() if name not in state]
+        if missing:
+            raise UserError(f"the checkpoint has no state for optimizer(s) {', '.join(missing)} (it holds "
+                            f"{', '.join(state)}): resume with the optim.optimizer it was trained with")
+        options = StateDictOptions(full_state_dict=True)
+        for name, opt in self.optimizers.items():
+            set_optimizer_state_dict(self.wrapped, opt, optim_state_dict=state[name], options=options)
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -61,32 +117,22 @@ def _fsync_tree(directory: Path) -> None:
     fsync_dir(directory)
 
 
-@dataclass
-class Checkpoint:
-    """The pieces of a training checkpoint, in memory."""
-
-    model_state: dict  # full (unsharded) state dict of the GPT
-    model_config: GPTConfig
-    optimizer_state: dict
-    train_state: dict
-    rng_states: list[dict]
-    config_toml: str
-    evals: dict | None = None  # validation / HellaSwag results at this step, saved as training_eval.json
-
-
-def save_checkpoint(run_dir: Path, step: int, ckpt: Checkpoint, keep_last: int) -> Path:
-    """Write ``ckpt`` as ``run_dir/step-NNNNNN`` atomically, point ``latest`` at it, prune beyond ``keep_last``."""
+def save_checkpoint(run_dir: Path, step: int, pieces: dict[str, Piece], *, keep_last: int, write: bool,
+                    extra_files: dict[str, str] | None = None) -> Path | None:
+    """Gather every piece's state (all ranks), and on the writing rank save them as ``run_dir/step-NNNNNN``
+    atomically with ``extra_files`` (name → text), point ``latest`` at it and prune beyond ``keep_last``."""
+    states = {name: piece.state_dict() for name, piece in pieces.items()}  # name = file name
+    if not write:
+        return None
     final = run_dir / step_dir_name(step)
     tmp = run_dir / (final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_weights(ckpt.model_state, ckpt.model_config, tmp)
-    torch.save(ckpt.optimizer_state, tmp / "optimizer.pt")
-    torch.save({"ranks": ckpt.rng_states}, tmp / "rng.pt")
-    (tmp / "train_state.json").write_text(json.dumps(ckpt.train_state, indent=2) + "\n")
-    (tmp / "config.toml").write_text(ckpt.config_toml)
-    if ckpt.evals:
-        (tmp / "training_eval.json").write_text(json.dumps(ckpt.evals, indent=2) + "\n")
+    for name, piece in pieces.items():
+        write_piece(piece, states[name], tmp / name)
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
+    runs.write_manifest(tmp)
     _fsync_tree(tmp)
     replaced = None
     if final.exists():  # re-saving a step (a stop signal right after a periodic save): keep the old one until done
@@ -95,13 +141,32 @@ def save_checkpoint(run_dir: Path, step: int, ckpt: Checkpoint, keep_last: int) 
         os.replace(final, replaced)
     os.replace(tmp, final)
     fsync_dir(run_dir)
-    atomic_write_text(run_dir / LATEST, final.name + "\n")
+    atomic_write_text(run_dir / runs.LATEST, final.name + "\n")
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
     for old in complete_checkpoints(run_dir)[:-keep_last]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def load_checkpoint(checkpoint: Path, pieces: dict[str, Piece]) -> None:
+    """Verify ``checkpoint`` against its manifest, then load every piece from it (all ranks)."""
+    problems = runs.checkpoint_problems(checkpoint)
+    if problems:
+        raise UserError(f"checkpoint {checkpoint} is damaged: {'; '.join(problems)}. Resume from another "
+                        "checkpoint with --resume PATH")
+    for name, piece in pieces.items():
+        path = checkpoint / name
+        if not path.is_file() and name == LOADER_FILE and (checkpoint / runs.TRAIN_STATE).is_file():
+            state = read_piece(piece, checkpoint / runs.TRAIN_STATE).get("loader")  # older checkpoints kept it there
+            if state is not None:
+                piece.load_state_dict(state)
+                continue
+        if not path.is_file():
+            raise UserError(f"checkpoint {checkpoint} has no {name}: it was written by another version or recipe; "
+                            "resume from another checkpoint")
+        piece.load_state_dict(read_piece(piece, path))
 
 
 def remove_stale_temporaries(run_dir: Path) -> None:
@@ -119,17 +184,6 @@ def remove_stale_temporaries(run_dir: Path) -> None:
             os.replace(old, final)
 
 
-def newest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint ``latest`` names when it is complete, else the complete one with the highest step."""
-    latest = run_dir / LATEST
-    if latest.is_file():
-        named = run_dir / latest.read_text().strip()
-        if is_complete(named):
-            return named
-    complete = complete_checkpoints(run_dir)
-    return complete[-1] if complete else None
-
-
 def supersede_newer(run_dir: Path, resumed: Path) -> list[Path]:
     """Resuming from an older checkpoint abandons the later ones: rename them ``step-N.superseded`` (kept for the
     user, invisible to resume and pruning) and point ``latest`` at the resumed step."""
@@ -142,7 +196,7 @@ def supersede_newer(run_dir: Path, resumed: Path) -> list[Path]:
             os.replace(newer, target)
             moved.append(target)
     if resumed.parent.resolve() == run_dir.resolve():
-        atomic_write_text(run_dir / LATEST, resumed.name + "\n")
+        atomic_write_text(run_dir / runs.LATEST, resumed.name + "\n")
     return moved
 
 
@@ -152,43 +206,14 @@ def find_resume_checkpoint(run_dir: Path, resume: str) -> Path | None:
     if resume == "auto":
         return newest_checkpoint(run_dir)
     path = Path(resume)
-    if (path / LATEST).is_file() or complete_checkpoints(path):
+    if (path / runs.LATEST).is_file() or complete_checkpoints(path):
         newest = newest_checkpoint(path)
         if newest is None:
             raise UserError(f"--resume {path}: the run directory has no complete checkpoint")
         return newest
     if not path.is_dir():
         raise UserError(f"--resume {path}: no such checkpoint or run directory")
-    missing = [piece for piece in PIECES if not (path / piece).is_file()]
-    if missing or not STEP_DIR.match(path.name):
-        what = f"missing {', '.join(missing)}" if missing else "its name is not step-NNNNNN"
+    if not runs.is_complete(path):
+        what = f"no {MANIFEST}" if runs.STEP_DIR.match(path.name) else "its name is not step-NNNNNN"
         raise UserError(f"--resume {path}: not a complete checkpoint ({what})")
     return path
-
-
-def read_train_state(checkpoint: Path) -> dict:
-    try:
-        return json.loads((checkpoint / "train_state.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{checkpoint / 'train_state.json'}: unreadable ({e})") from None
-
-
-def read_optimizer_state(checkpoint: Path, map_location) -> dict:
-    return torch.load(checkpoint / "optimizer.pt", map_location=map_location, weights_only=True)
-
-
-def read_rng_states(checkpoint: Path) -> list[dict]:
-    return torch.load(checkpoint / "rng.pt", weights_only=True)["ranks"]
-
-
-def capture_rng_state() -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

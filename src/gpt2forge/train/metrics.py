@@ -12,11 +12,7 @@ import os
 from pathlib import Path
 
 from ..errors import UserError
-
-COLUMNS = (
-    "step", "tokens", "elapsed_s", "loss", "lr", "grad_norm", "step_ms", "tokens_per_s", "mfu",
-    "val_loss", "hellaswag_acc", "hellaswag_acc_norm",
-)
+from ..runs import COLUMNS, format_duration
 
 
 def truncate_metrics(path: Path, before_step: int) -> None:
@@ -85,15 +81,6 @@ def _format(value) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     return str(value)
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds}s"
 
 
 def step_line(row: dict, max_steps: int, eta_s: float | None) -> str:

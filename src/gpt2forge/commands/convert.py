@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,8 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     import torch
 
-    from .hf import export_hf
-    from .weights import load_model, our_checkpoint, save_model
+    from ..hf import export_hf
+    from ..weights import load_model, our_checkpoint, save_model
 
     model = load_model(args.source)
     target = args.to or ("hf" if args.command == "export" or our_checkpoint(args.source) else "gpt2forge")

@@ -1,0 +1,41 @@
+"""``gpt2forge eval``: validation loss and/or HellaSwag of a model, as a table and JSON (``eval/evaluate.py``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..eval.evaluate import DTYPES, evaluate, format_table, results_path, write_results
+from . import positive_int, token_count
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint dir, run dir, Hugging Face dir, or hub name (online)")
+    parser.add_argument("--data", help="token shard directory: the validation loss uses its *_val_*.bin shards")
+    parser.add_argument("--val-tokens", type=token_count,
+                        help="evaluate at most this many val tokens, e.g. 10M or 1e7 (default: all)")
+    parser.add_argument("--hellaswag", action="store_true", help="score HellaSwag (downloaded once into ~/.cache/gpt2forge)")
+    parser.add_argument("--hellaswag-file", help="local hellaswag_val.jsonl (for offline use; implies --hellaswag)")
+    parser.add_argument("--limit", type=positive_int, help="score only the first N HellaSwag rows")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="sequences per forward pass (default 16)")
+    parser.add_argument("--seq-len", type=positive_int, help="val sequence length (default: the model's context)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, …")
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="fp32, or bf16 autocast")
+    parser.add_argument("--out", help="JSON results file (default: eval.json in our checkpoint dir; else print only)")
+    parser.add_argument("--vocab-dir", help="folder with GPT-2's encoder.json + vocab.bpe (default: found automatically)")
+
+
+def run(args: argparse.Namespace) -> dict:
+    results = evaluate(
+        args.model, data=args.data, val_tokens=args.val_tokens, hellaswag=args.hellaswag,
+        hellaswag_file=args.hellaswag_file, limit=args.limit, batch_size=args.batch_size, seq_len=args.seq_len,
+        device=args.device, dtype=args.dtype, vocab_dir=args.vocab_dir,
+    )  # fmt: skip
+    if results["rank"] == 0:
+        print(format_table(results))
+        out = results_path(results, args.out)
+        if out is not None:
+            write_results(results, out)
+            print(f"results written to {out}")
+        else:
+            print("(not a gpt2forge checkpoint: results not saved; pass --out FILE to save them)")
+    return results

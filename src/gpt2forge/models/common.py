@@ -1,0 +1,131 @@
+"""What every architecture shares: the size knobs of its config, the KV cache, causal attention, the loss.
+
+Pure PyTorch: nothing here (or anywhere in ``models/``) imports the rest of the package, so a model file can be
+read, tested and reused on its own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100  # target value skipped by the loss (PyTorch's and Hugging Face's convention)
+ATTENTION_KINDS = ("sdpa", "manual")
+
+
+@dataclass
+class ModelConfig:
+    """Size knobs every architecture has. Subclasses add their own fields (each with a docstring) and set
+    ``arch``; the run config's ``[model]`` table is exactly one of these, so a field is added in one place."""
+
+    arch: ClassVar[str] = ""
+
+    n_layer: int = 12
+    """Number of transformer blocks."""
+    n_head: int = 12
+    """Attention heads per block."""
+    n_embd: int = 768
+    """Width of the residual stream."""
+    block_size: int = 1024
+    """Context length: the longest sequence the model reads."""
+    vocab_size: int = 50257
+    """Real vocabulary size: GPT-2's 50,257. Logits and the loss only ever cover these. Smaller only for tests
+    with synthetic token ids (sampling, HellaSwag and Hugging Face export assume GPT-2's tokenizer)."""
+    vocab_multiple: int = 128
+    """Pad the embedding (and head) rows up to a multiple of this (128: 50257 → 50304, faster matmuls on GPUs);
+    1 = no padding. The padded rows never reach the softmax."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field (as ``model.<field>``) when a value cannot build a model."""
+        for f in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "vocab_multiple"):
+            value = getattr(self, f)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"model.{f} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple
+
+    def to_dict(self) -> dict:
+        """``{"arch": ..., field: value, ...}``: what weights files and run configs store."""
+        return {"arch": self.arch, **asdict(self)}
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How a model computes, not what it is: never stored with the weights, free to change between launches
+    (so a checkpoint's architecture check ignores it)."""
+
+    attention: str = "sdpa"
+    """sdpa (F.scaled_dot_product_attention: flash on GPUs) or manual (explicit masked softmax, for teaching)."""
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, preallocated up to the context length.
+
+    Buffers are allocated on first use with the dtype of the keys, so the cache follows autocast.
+    """
+
+    def __init__(self, n_layer: int, batch_size: int, n_head: int, block_size: int, head_dim: int) -> None:
+        self.block_size = block_size
+        self.shape = (batch_size, n_head, block_size, head_dim)
+        self.k: list[torch.Tensor | None] = [None] * n_layer
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+        self.pos = 0  # number of positions filled
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's keys/values for ``layer``; return all keys/values up to and including them."""
+        if self.k[layer] is None:
+            self.k[layer] = k.new_zeros(self.shape)
+            self.v[layer] = v.new_zeros(self.shape)
+        end = self.pos + k.size(2)
+        self.k[layer][:, :, self.pos : end] = k
+        self.v[layer][:, :, self.pos : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+def causal_mask(n_query: int, n_key: int, device) -> torch.Tensor:
+    """Boolean mask (True = may attend) for queries that are the last ``n_query`` of ``n_key`` positions."""
+    return torch.ones(n_query, n_key, dtype=torch.bool, device=device).tril(diagonal=n_key - n_query)
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, scale: float | None = None
+) -> torch.Tensor:
+    """Causal attention of queries ``q`` (B, nh, T, hs) over keys/values (B, nh, S, hs), S ≥ T: the queries are
+    the last T positions (S > T when a KV cache holds earlier ones). ``scale`` defaults to 1/sqrt(hs)."""
+    T, S = q.size(2), k.size(2)
+    if kind == "sdpa":
+        if S == T:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, S, q.device), scale=scale)
+    att = q @ k.transpose(-2, -1)  # (B, nh, T, S)
+    att = att / math.sqrt(k.size(-1)) if scale is None else att * scale
+    att = att.masked_fill(~causal_mask(T, S, q.device), float("-inf"))
+    return F.softmax(att, dim=-1) @ v  # (B, nh, T, hs)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32 over the targets that are not ``IGNORE_INDEX``."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)

@@ -1,0 +1,76 @@
+"""What the training loop evaluates, and when: validation loss, HellaSwag and samples at their cadences.
+
+Every rank takes part in the validation loss and HellaSwag (each scores its share, the results are summed), and
+both run on the compiled model, so the numbers are those of the model being trained and nothing recompiles.
+Samples come from the uncompiled module on the main rank (KV-cached generation has a new shape every token).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..config import Config
+from ..data.loader import val_batches
+from ..device import autocast
+
+log = logging.getLogger("gpt2forge.train")
+
+
+class InLoopEvaluation:
+    """The evaluations of one run; ``results(step)`` and ``samples(step)`` do what is due at ``step``."""
+
+    def __init__(self, config: Config, model: torch.nn.Module, train_model: torch.nn.Module, parallel,
+                 autocast_dtype: torch.dtype | None) -> None:
+        self.config, self.model, self.train_model = config, model, train_model
+        self.parallel, self.autocast_dtype = parallel, autocast_dtype
+        self.hellaswag = None
+        if config.eval.hellaswag_every:
+            from ..eval.hellaswag import load_hellaswag
+
+            e = config.eval
+            self.hellaswag = load_hellaswag(e.hellaswag_file or None, limit=e.hellaswag_limit or None)
+
+    def due(self, every: int, step: int) -> bool:
+        """Whether a cadence of ``every`` steps (0 = never) falls on ``step`` or the last step of the run."""
+        return bool(every) and (step % every == 0 or step == self.config.train.max_steps)
+
+    def results(self, step: int) -> dict:
+        """Validation loss and HellaSwag, where due (all ranks call this)."""
+        from ..eval.loss import evaluate_loss
+
+        c, p, results = self.config, self.parallel, {}
+        if self.due(c.eval.val_every, step):
+            batches = val_batches(c.data.dir, c.train.micro_batch_size, c.train.seq_len, rank=p.rank,
+                                  world_size=p.world_size, max_tokens=c.eval.val_tokens or None)
+            out = evaluate_loss(self.train_model, batches, device=p.device, autocast_dtype=self.autocast_dtype,
+                                world_size=p.world_size)
+            results["val_loss"] = out["loss"]
+        if self.hellaswag is not None and self.due(c.eval.hellaswag_every, step):
+            from ..eval.hellaswag import evaluate_hellaswag
+
+            out = evaluate_hellaswag(
+                self.train_model, self.hellaswag, device=p.device, batch_size=c.train.micro_batch_size,
+                autocast_dtype=self.autocast_dtype, block_size=self.model.config.block_size, rank=p.rank,
+                world_size=p.world_size, progress=False,
+            )
+            results["hellaswag_acc"], results["hellaswag_acc_norm"] = out["acc"], out["acc_norm"]
+        return results
+
+    def samples(self, step: int) -> list[str]:
+        """Sampled continuations of the prompt, where due, on the main rank. Under FSDP the unwrapped module
+        holds only a shard, so sampling is skipped."""
+        c, p = self.config, self.parallel
+        if not self.due(c.eval.sample_every, step) or not p.is_main or p.fsdp:
+            return []
+        from ..sample import generate_text
+        from ..tokenizer import get_tokenizer
+
+        was_training = self.model.training
+        self.model.eval()
+        with autocast(p.device, self.autocast_dtype):
+            texts = generate_text(self.model, get_tokenizer(), c.eval.sample_prompt, num_samples=c.eval.num_samples,
+                                  max_new_tokens=c.eval.sample_tokens, top_k=50, seed=c.train.seed + step)
+        self.model.train(was_training)
+        return texts
