@@ -86,12 +86,12 @@ def test_newton_schulz_batched_bf16_and_zero_input():
 
 # 2. A naive reference
 
-def naive_muon(params, grads, bufs, lr, mu, wd, steps=5):
+def naive_muon(params, grads, bufs, lr, mu, wd, nesterov, steps=5):
     """Muon written out in textbook arithmetic (EMA momentum, Nesterov blend, NS polynomial a·X + b·AX + c·A²X)."""
     a, b, c = QUINTIC
     for p, g, buf in zip(params, grads, bufs):
         buf.copy_(mu * buf + (1 - mu) * g)
-        m = (1 - mu) * g + mu * buf
+        m = (1 - mu) * g + mu * buf if nesterov else buf
         rows, cols = m.shape
         X = m.T if rows > cols else m
         X = X / (torch.sqrt((X * X).sum()) + 1e-7)
@@ -102,12 +102,13 @@ def naive_muon(params, grads, bufs, lr, mu, wd, steps=5):
         p.copy_(p * (1 - lr * wd) - lr * math.sqrt(max(1, rows / cols)) * O)
 
 
-def test_matches_naive_reference():
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_matches_naive_reference(nesterov):
     """Equal to 1e-6, not bit for bit: the reference uses its own arithmetic (μB + (1−μ)g rather than lerp, the
     polynomial unfused and associated differently), so rounding differs by ulps (about 2e-7 after 10 steps)."""
     lr, mu, wd = 0.02, 0.9, 0.1
     model, ref = toy_model(), toy_model()
-    opt = Muon(model.parameters(), lr=lr, momentum=mu, weight_decay=wd)
+    opt = Muon(model.parameters(), lr=lr, momentum=mu, weight_decay=wd, nesterov=nesterov)
     bufs = [torch.zeros_like(p) for p in ref.parameters()]
     for step in range(10):
         train_step(model, opt, step)
@@ -116,7 +117,7 @@ def test_matches_naive_reference():
         x, y = batch(step)
         nn.functional.mse_loss(ref(x), y).backward()
         with torch.no_grad():
-            naive_muon(list(ref.parameters()), [p.grad for p in ref.parameters()], bufs, lr, mu, wd)
+            naive_muon(list(ref.parameters()), [p.grad for p in ref.parameters()], bufs, lr, mu, wd, nesterov)
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
     assert not torch.equal(model[0].weight, toy_model()[0].weight)
