@@ -1,0 +1,306 @@
+"""Muon: Newton–Schulz orthogonalises, the optimizer equals a naive reference and torch.optim.Muon, resumes bit for
+bit, takes its schedule from the param groups, and shares the work across ranks with bit-identical results."""
+
+import io
+import math
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from gpt2forge.optim.muon import Muon, newton_schulz
+
+QUINTIC = (3.4445, -4.7750, 2.0315)  # written out here, so that a changed constant in muon.py fails the tests
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def toy_model(seed: int = 0) -> nn.Module:
+    """Two bias-free layers: a tall (32×8) and a wide (4×32) weight, so both orientations and LR scales occur."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 32, bias=False), nn.Tanh(), nn.Linear(32, 4, bias=False))
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(16, 8, generator=g)
+    return x, torch.sin(x[:, :4]) + 0.1 * torch.randn(16, 4, generator=g)
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, step: int) -> None:
+    opt.zero_grad(set_to_none=True)
+    x, y = batch(step)
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+
+
+# 1. Newton–Schulz
+
+@pytest.mark.parametrize("shape", [(64, 128), (128, 64)])
+def test_newton_schulz_orthogonalises_and_keeps_singular_vectors(shape):
+    torch.manual_seed(0)
+    G = torch.randn(shape)
+    O = newton_schulz(G)
+    assert O.shape == G.shape and O.dtype == G.dtype and O.is_contiguous()
+    s = torch.linalg.svdvals(O)
+    assert 0.6 < s.min() and s.max() < 1.25, s  # the quintic's band is about [0.68, 1.13]
+    assert s.max() - s.min() > 0.1  # deliberately non-convergent: not the exact polar factor
+    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    polar = U @ Vh
+    assert torch.nn.functional.cosine_similarity(O.flatten(), polar.flatten(), dim=0) > 0.98
+    # Same singular vectors: Uᵀ O V is diagonal (O = U p(S) Vᵀ).
+    core = U.T @ O @ Vh.T
+    assert (core - torch.diag(torch.diagonal(core))).norm() < 1e-3 * core.norm()
+
+
+def test_newton_schulz_applies_the_quintic_to_each_singular_value():
+    """O = U p⁵(S/‖G‖_F) Vᵀ with p(s) = as + bs³ + cs⁵: pins the coefficients, the step count and the scaling."""
+    a, b, c = QUINTIC
+    torch.manual_seed(0)
+    G = torch.randn(40, 24, dtype=torch.float64)
+    s = torch.linalg.svdvals(G) / G.norm()
+    for _ in range(5):
+        s = a * s + b * s**3 + c * s**5
+    s = s.sort(descending=True).values  # p⁵ is not monotonic
+    torch.testing.assert_close(torch.linalg.svdvals(newton_schulz(G, dtype=torch.float64)), s, atol=1e-6, rtol=0)
+    assert not torch.allclose(torch.linalg.svdvals(newton_schulz(G, steps=4, dtype=torch.float64)), s, atol=1e-3)
+
+
+def test_newton_schulz_batched_bf16_and_zero_input():
+    torch.manual_seed(0)
+    G = torch.randn(3, 24, 40)
+    O = newton_schulz(G)
+    for i in range(3):
+        torch.testing.assert_close(O[i], newton_schulz(G[i]), atol=1e-5, rtol=0)
+    low = newton_schulz(G[0], dtype=torch.bfloat16)
+    assert low.dtype == torch.float32
+    assert (low - O[0]).norm() < 0.05 * O[0].norm()  # bf16-level agreement
+    assert torch.equal(newton_schulz(torch.zeros(8, 4)), torch.zeros(8, 4))  # eps: no NaN for a zero gradient
+
+
+# 2. A naive reference
+
+def naive_muon(params, grads, bufs, lr, mu, wd, nesterov, steps=5):
+    """Muon written out in textbook arithmetic (EMA momentum, Nesterov blend, NS polynomial a·X + b·AX + c·A²X)."""
+    a, b, c = QUINTIC
+    for p, g, buf in zip(params, grads, bufs):
+        buf.copy_(mu * buf + (1 - mu) * g)
+        m = (1 - mu) * g + mu * buf if nesterov else buf
+        rows, cols = m.shape
+        X = m.T if rows > cols else m
+        X = X / (torch.sqrt((X * X).sum()) + 1e-7)
+        for _ in range(steps):
+            A = X @ X.T
+            X = a * X + b * (A @ X) + c * (A @ (A @ X))
+        O = X.T if rows > cols else X
+        p.copy_(p * (1 - lr * wd) - lr * math.sqrt(max(1, rows / cols)) * O)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_matches_naive_reference(nesterov):
+    """Equal to 1e-6, not bit for bit: the reference uses its own arithmetic (μB + (1−μ)g rather than lerp, the
+    polynomial unfused and associated differently), so rounding differs by ulps (about 2e-7 after 10 steps)."""
+    lr, mu, wd = 0.02, 0.9, 0.1
+    model, ref = toy_model(), toy_model()
+    opt = Muon(model.parameters(), lr=lr, momentum=mu, weight_decay=wd, nesterov=nesterov)
+    bufs = [torch.zeros_like(p) for p in ref.parameters()]
+    for step in range(10):
+        train_step(model, opt, step)
+        for p in ref.parameters():
+            p.grad = None
+        x, y = batch(step)
+        nn.functional.mse_loss(ref(x), y).backward()
+        with torch.no_grad():
+            naive_muon(list(ref.parameters()), [p.grad for p in ref.parameters()], bufs, lr, mu, wd, nesterov)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+    assert not torch.equal(model[0].weight, toy_model()[0].weight)
+
+
+# 3. torch.optim.Muon
+
+def test_agrees_with_torch_muon():
+    """Same hyperparameters, bf16 NS on both sides, ``adjust_lr_fn="original"`` (√max(1, rows/cols)).
+
+    The same by design: EMA momentum with lerp (torch's docstring writes B ← μB + g, its code lerps), the Nesterov
+    blend, the quintic fused into addmm, decoupled weight decay with the unscaled lr. Different by design: torch
+    guards the norm with clamp(min=eps) where we add eps (equal unless the norm is ~0), always runs NS in bf16 (we
+    default to fp32 on CPU), has no distributed share, and defaults to lr=1e-3, weight_decay=0.1. With torch 2.13
+    on CPU the two are in fact bit-equal; the bf16-level tolerance keeps the test about semantics, not about one
+    torch version's rounding (bf16 NS itself is 1–2% from fp32)."""
+    TorchMuon = getattr(torch.optim, "Muon", None)
+    if TorchMuon is None:
+        pytest.skip(f"torch.optim.Muon appeared in torch 2.9; this is {torch.__version__}")
+    torch.manual_seed(0)
+    shapes = [(48, 24), (24, 64)]
+    ours = [torch.randn(s, requires_grad=True) for s in shapes]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    hyper = {"lr": 0.02, "momentum": 0.9, "nesterov": True, "weight_decay": 0.1, "ns_steps": 5}
+    opt = Muon(ours, ns_dtype=torch.bfloat16, **hyper)
+    ref = TorchMuon(theirs, adjust_lr_fn="original", **hyper)
+    for _ in range(3):
+        before = [p.detach().clone() for p in ours]
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+        for p, q, b in zip(ours, theirs, before):
+            assert torch.equal(opt.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"])
+            delta, delta_ref = p.detach() - b, q.detach() - b
+            assert (delta - delta_ref).norm() < 0.01 * delta_ref.norm()
+            q.data.copy_(p.data)  # compare one step at a time, not drift
+
+
+# 4. Resume
+
+def lr_at(step: int) -> float:
+    return 0.02 * min(1.0, (step + 1) / 4)
+
+
+def momentum_at(step: int) -> float:
+    return 0.85 + 0.10 * min(1.0, step / 5)  # warmup .85 → .95, as the trainer does
+
+
+def run(model: nn.Module, opt: Muon, steps: range) -> None:
+    for step in steps:
+        for group in opt.param_groups:
+            group["lr"], group["momentum"] = lr_at(step), momentum_at(step)
+        train_step(model, opt, step)
+
+
+@pytest.mark.parametrize("through_disk", [False, True])
+def test_resume_is_bit_exact(through_disk):
+    straight = toy_model()
+    opt = Muon(straight.parameters(), weight_decay=0.05)
+    run(straight, opt, range(6))
+
+    first = toy_model()
+    opt1 = Muon(first.parameters(), weight_decay=0.05)
+    run(first, opt1, range(3))
+    model_state, opt_state = first.state_dict(), opt1.state_dict()
+    if through_disk:
+        buffer = io.BytesIO()
+        torch.save({"model": model_state, "optimizer": opt_state}, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=True)
+        model_state, opt_state = loaded["model"], loaded["optimizer"]
+    resumed = toy_model(seed=123)  # different init: everything must come from the checkpoint
+    resumed.load_state_dict(model_state)
+    opt2 = Muon(resumed.parameters(), weight_decay=0.05)
+    opt2.load_state_dict(opt_state)
+    run(resumed, opt2, range(3, 6))
+
+    for p, q in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["momentum_buffer"], opt2.state[q]["momentum_buffer"])
+        assert set(opt2.state[q]) == {"momentum_buffer"}
+
+
+# 5. Schedules from outside
+
+def test_lr_and_momentum_are_read_from_the_param_groups():
+    model = toy_model()
+    opt = Muon(model.parameters(), lr=0.02, momentum=0.95)
+    for step in range(3):
+        train_step(model, opt, step)
+
+    # momentum 0: the update depends only on the current gradient.
+    opt.param_groups[0]["momentum"] = 0.0
+    before = [p.detach().clone() for p in model.parameters()]
+    train_step(model, opt, 3)
+    for p, b in zip(model.parameters(), before):
+        scale = math.sqrt(max(1, p.size(0) / p.size(1)))
+        assert torch.equal(p, b.add(newton_schulz(p.grad), alpha=-0.02 * scale))
+        assert torch.equal(opt.state[p]["momentum_buffer"], p.grad)
+
+    # lr 0: nothing moves, though the momentum buffer still takes the gradient.
+    opt.param_groups[0].update(lr=0.0, momentum=0.5)
+    before = [p.detach().clone() for p in model.parameters()]
+    buffers = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    train_step(model, opt, 4)
+    for p, b, buf in zip(model.parameters(), before, buffers):
+        assert torch.equal(p, b)
+        assert torch.equal(opt.state[p]["momentum_buffer"], buf.lerp(p.grad, 0.5))
+
+
+# 6. Distributed
+
+RANK_SCRIPT = textwrap.dedent("""
+    import os, sys
+    import torch, torch.distributed as dist
+    import gpt2forge.optim.muon as muon
+
+    rank, world, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    torch.set_num_threads(1)
+    calls = []
+    plain = muon.newton_schulz
+    def counting(G, *args, **kwargs):
+        calls.append(tuple(G.shape))
+        return plain(G, *args, **kwargs)
+    muon.newton_schulz = counting
+
+    shapes = [(16, 8), (8, 24), (16, 8), (12, 12), (8, 24), (16, 8), (5, 7)]  # (5, 7): no gradient, skipped
+    def train(steps=4, process_group=None):
+        torch.manual_seed(0)  # the same params and gradients on every rank, as after DDP's all-reduce
+        params = [torch.randn(s, requires_grad=True) for s in shapes]
+        opt = muon.Muon(params, weight_decay=0.1, process_group=process_group)
+        for step in range(steps):
+            opt.param_groups[0].update(lr=0.02 * (step + 1) / steps, momentum=0.85 + 0.03 * step)
+            for p in params[:-1]:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        return [p.detach() for p in params], [opt.state[p]["momentum_buffer"] for p in params[:-1]]
+
+    reference = train()  # single process: before the process group exists
+    single_calls = len(calls)
+    calls.clear()
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    shared = train()  # the default group
+    shared_calls = len(calls)
+    explicit = train(process_group=dist.new_group([0, 1]))
+    dist.destroy_process_group()
+    torch.save({"reference": reference, "single_calls": single_calls, "shared": shared, "calls": shared_calls,
+                "explicit": explicit, "explicit_calls": len(calls) - shared_calls}, out)
+""")
+
+
+def test_distributed_share_is_bit_identical(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]))
+    outs = [tmp_path / f"rank{r}.pt" for r in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(r), "2", str(outs[r])], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    for proc in procs:
+        output, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, output
+
+    results = [torch.load(out, weights_only=True) for out in outs]
+    total = results[0]["single_calls"]
+    assert total == 4 * 6  # 4 steps × 6 matrices with gradients
+    for r in results:  # each rank orthogonalised only its share: 3 of the 6 matrices
+        assert r["calls"] == r["explicit_calls"] == total // 2
+        for run in ("shared", "explicit"):
+            for ref, got in zip(r["reference"], r[run]):  # params, then momentum buffers
+                assert all(torch.equal(a, b) for a, b in zip(ref, got))
+    for a, b in zip(results[0]["shared"][0], results[1]["reference"][0]):
+        assert torch.equal(a, b)  # and the same across ranks
+
+
+# 7. Only matrices
+
+def test_refuses_non_matrix_parameters():
+    with pytest.raises(ValueError, match=r"2-D.*shape \(8,\)"):
+        Muon([torch.zeros(8, 8, requires_grad=True), torch.zeros(8, requires_grad=True)])
+    opt = Muon([torch.zeros(8, 8, requires_grad=True)])
+    with pytest.raises(ValueError, match=r"shape \(2, 3, 4\)"):
+        opt.add_param_group({"params": [torch.zeros(2, 3, 4, requires_grad=True)]})
