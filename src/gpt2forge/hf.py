@@ -85,7 +85,7 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor], config: GPTConfig, ori
     """Rename/transpose Hugging Face GPT-2 weights into our module's state dict (padding the vocab if asked)."""
     state = {}
     for key, value in hf_state.items():
-        if key.endswith(IGNORED_HF_KEYS) or key in GPT.tied_weights:
+        if key.endswith(IGNORED_HF_KEYS) or key in GPT.tied_weights(config):
             continue  # restored from its source below
         if not key.startswith("transformer."):
             key = "transformer." + key  # checkpoints saved from GPT2Model have no prefix
@@ -98,7 +98,7 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor], config: GPTConfig, ori
     if config.padded_vocab_size > wte.size(0):
         pad = wte.new_zeros(config.padded_vocab_size - wte.size(0), wte.size(1))
         state["transformer.wte.weight"] = torch.cat([wte, pad])
-    for alias, source in GPT.tied_weights.items():
+    for alias, source in GPT.tied_weights(config).items():
         state[alias] = state[source]
     return state
 
@@ -177,7 +177,7 @@ def hf_state_dict(model, dtype: torch.dtype = torch.float32) -> dict[str, torch.
     vocab = model.config.vocab_size
     out = {}
     for key, value in model.state_dict().items():
-        if key in GPT.tied_weights:
+        if key in GPT.tied_weights(model.config):
             continue
         value = value.detach().to("cpu", dtype)
         if key == "transformer.wte.weight":

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import UserError
 from .hf import read_hf_model
-from .models import ModelConfig, Runtime, architecture, build_model, config_from_dict
+from .models import ModelConfig, Runtime, build_model, config_from_dict, tied_weights
 from .runs import LATEST, resolve_checkpoint_dir
 
 MODEL_FILE = "model.safetensors"
@@ -30,7 +30,7 @@ CONFIG_KEY = "gpt2forge.model_config"
 def save_weights(state: dict[str, torch.Tensor], config: ModelConfig, directory: str | os.PathLike) -> Path:
     """Write a model's state dict and config to ``directory/model.safetensors`` (tied aliases stored once)."""
     path = Path(directory) / MODEL_FILE
-    aliases = architecture(config.arch).model_class.tied_weights
+    aliases = tied_weights(config)
     tensors = {k: v.detach().contiguous() for k, v in state.items() if k not in aliases}
     save_file(tensors, path, metadata={"format": "pt", CONFIG_KEY: json.dumps(config.to_dict())})
     return path
@@ -63,7 +63,7 @@ def read_weights(path: Path, config: ModelConfig | None = None) -> dict[str, tor
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path} is not a readable safetensors file: {e}") from None
     if config is not None:
-        for alias, source in architecture(config.arch).model_class.tied_weights.items():
+        for alias, source in tied_weights(config).items():
             if source in state:
                 state[alias] = state[source]
     return state

@@ -8,9 +8,9 @@ The contract is what the training loop, evaluation, sampling, FSDP, checkpoints 
 - ``config``: a ``ModelConfig`` (``block_size``, ``vocab_size``, ``arch``, ...), stored with the weights.
 - ``blocks``: the repeated blocks (FSDP shards each one).
 - ``num_params(non_embedding=False)`` and ``flops_per_token(seq_len)`` (for MFU).
-- ``tied_weights``: ``{alias: source}`` state-dict names that are one tensor (GPT-2's head is its token
-  embedding). Weights files store the source only and restore the alias: nothing outside the model hard-codes
-  a tie, so an untied head is saved and loaded as itself.
+- ``tied_weights(config)`` (a static method: asked without an instance): ``{alias: source}`` state-dict names
+  that are one tensor (GPT-2's head is its token embedding). Weights files store the source only and restore
+  the alias: nothing outside the model hard-codes a tie, so an untied head is saved and loaded as itself.
 - ``embedding_weights`` / ``head_weights``: parameter names with those roles, which the optimizer builder uses
   to group parameters (the other roles are hidden matrices, ≥ 2-D, and gains/biases, < 2-D).
 
@@ -29,7 +29,7 @@ from . import gpt2
 from .common import IGNORE_INDEX, ModelConfig, Runtime
 
 __all__ = ["ARCHITECTURES", "IGNORE_INDEX", "Architecture", "ModelConfig", "Runtime", "architecture",
-           "build_model", "config_from_dict", "make_config", "parameter_roles"]
+           "build_model", "config_from_dict", "make_config", "parameter_roles", "tied_weights"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,11 @@ def config_from_dict(stored: dict) -> ModelConfig:
     if unknown:
         raise ValueError(f"unknown model config keys {unknown} for arch {spec.name}")
     return spec.config_class(**fields)
+
+
+def tied_weights(config: ModelConfig) -> dict[str, str]:
+    """``{alias: source}`` of the weights ``config``'s architecture ties (stored once, restored on reading)."""
+    return architecture(config.arch).model_class.tied_weights(config)
 
 
 def build_model(config: ModelConfig, runtime: Runtime | None = None) -> nn.Module:

@@ -85,10 +85,13 @@ class GPT(nn.Module):
     """GPT-2. The model contract (see ``models/__init__.py``): ``forward``, ``blocks``, ``num_params``,
     ``flops_per_token``, ``new_cache``, and the declarations below."""
 
-    tied_weights: ClassVar[dict[str, str]] = {"lm_head.weight": "transformer.wte.weight"}
     embedding_weights: ClassVar[tuple[str, ...]] = ("transformer.wte.weight", "transformer.wpe.weight")
     head_weights: ClassVar[tuple[str, ...]] = ("lm_head.weight",)
-    position_weights: ClassVar[tuple[str, ...]] = ("transformer.wpe.weight",)
+
+    @staticmethod
+    def tied_weights(config: GPTConfig | None = None) -> dict[str, str]:
+        """GPT-2's head is its token embedding: ``{alias: source}``."""
+        return {"lm_head.weight": "transformer.wte.weight"}
 
     def __init__(self, config: GPTConfig, runtime: Runtime | None = None) -> None:
         super().__init__()
