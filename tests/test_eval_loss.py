@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import HELLASWAG_SAMPLE as HELLASWAG  # 64 real validation rows, committed
 
 from gpt2forge.commands import build_parser, main
 from gpt2forge.data.loader import val_batches
@@ -16,8 +17,6 @@ from gpt2forge.eval.loss import evaluate_loss
 from gpt2forge.hf import export_hf
 from gpt2forge.models.gpt2 import GPT, GPTConfig
 from gpt2forge.weights import save_model
-
-from conftest import HELLASWAG_SAMPLE as HELLASWAG  # 64 real validation rows, committed
 
 
 def make_val_dir(path, sizes=(700, 500), seed=0):

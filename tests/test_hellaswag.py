@@ -6,14 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import HELLASWAG_SAMPLE as SHARED  # 64 real validation rows, committed
 
 from gpt2forge.errors import UserError
 from gpt2forge.eval import hellaswag
 from gpt2forge.eval.hellaswag import evaluate_hellaswag, fit_to_context, load_hellaswag, score_examples
 from gpt2forge.tokenizer import get_tokenizer
 from gpt2forge.weights import load_model
-
-from conftest import HELLASWAG_SAMPLE as SHARED  # 64 real validation rows, committed
 
 
 def real_lines(n: int) -> list[str]:

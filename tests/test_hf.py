@@ -2,15 +2,14 @@ import json
 
 import pytest
 import torch
-
 import transformers
 
-from gpt2forge.errors import UserError  # noqa: E402
-from gpt2forge.hf import export_hf  # noqa: E402
-from gpt2forge.models import Runtime  # noqa: E402
-from gpt2forge.models.gpt2 import GPT, GPTConfig  # noqa: E402
-from gpt2forge.tokenizer import get_tokenizer  # noqa: E402
-from gpt2forge.weights import load_model, save_model  # noqa: E402
+from gpt2forge.errors import UserError
+from gpt2forge.hf import export_hf
+from gpt2forge.models import Runtime
+from gpt2forge.models.gpt2 import GPT, GPTConfig
+from gpt2forge.tokenizer import get_tokenizer
+from gpt2forge.weights import load_model, save_model
 
 
 def hf_logits(path, idx):

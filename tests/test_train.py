@@ -309,3 +309,29 @@ def test_tensorboard_receives_the_metrics(data_dir, tmp_path):
     assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
     assert [e.step for e in events.Scalars("val_loss")] == [0, 4]
     assert events.Scalars("loss")[-1].value == pytest.approx(result.losses[4])
+
+
+MUON = {"optim.optimizer": "muon", "optim.matrix_lr": 0.02, "optim.muon_momentum_warmup_steps": 4}
+
+
+def test_two_optimizers_muon_and_adamw_resume_bit_exactly(data_dir, tmp_path):
+    """Muon for the hidden matrices, AdamW for the rest: both states go into the checkpoint and come back."""
+    full = train(config(data_dir, tmp_path / "a", **MUON))
+    assert full.losses[8] < full.losses[1]
+    train(config(data_dir, tmp_path / "b", **{**MUON, "train.max_steps": 4}))
+    saved = torch.load(tmp_path / "b" / "run" / "step-000004" / "optimizer.pt", weights_only=True)
+    assert set(saved) == {"adamw", "muon"}
+    assert all("momentum_buffer" in s for s in saved["muon"]["state"].values())
+    resumed = train(config(data_dir, tmp_path / "b", **MUON), resume="auto")
+    assert resumed.losses == {s: full.losses[s] for s in range(5, 9)}
+    with pytest.raises(UserError, match="holds the state of optimizer\\(s\\) adamw, muon, this run has adamw"):
+        train(config(data_dir, tmp_path / "b", **{"train.max_steps": 12}), resume="auto")
+
+
+def test_muon_two_process_ddp_matches_one_process_with_accumulation(data_dir, tmp_path):
+    """Under DDP each rank orthogonalises a share of the matrices; the result is that of one process."""
+    single = train(config(data_dir, tmp_path / "single", **{**MUON, "eval.val_every": 0}))
+    torchrun(["train", *tiny_overrides(data_dir, tmp_path / "ddp", **{**MUON, "eval.val_every": 0})])
+    ddp = metric_losses(tmp_path / "ddp" / "run")
+    for step, loss in single.losses.items():
+        assert ddp[step] == pytest.approx(loss, rel=1e-5, abs=1e-6)

@@ -36,9 +36,9 @@ def unigram_loss(data_dir: str | Path, vocab_size: int = 50257) -> float:
 def quickstart(data_dir: str, out_dir: str, steps: int | None = None, workers: int | None = None) -> dict:
     """Run the pipeline end to end; returns the final val loss, the baseline and the run directory."""
     from .config import load_config
+    from .data.loader import val_batches
     from .data.prepare import EMBEDDED_SHARD_SIZE, EMBEDDED_VAL_TOKENS, prepare
     from .data.sources import EmbeddedSource
-    from .data.loader import val_batches
     from .eval.loss import evaluate_loss
     from .eval.report import write_report
     from .sample import generate_text

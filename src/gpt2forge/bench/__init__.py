@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
-from .ablation import run_ablation
-from .data import run_loader, run_prepare, write_random_shards
 from ..device import hardware_summary, library_versions
 from ..files import atomic_write_json, atomic_write_text
+from .ablation import run_ablation
+from .data import run_loader, run_prepare, write_random_shards
 from .measure import LoadMeter, device_kind, free_memory
 from .memory import run_memory
 from .options import SECTIONS, TARGETS, BenchOptions, resolve_options

@@ -127,7 +127,7 @@ def run_ablation(opts: BenchOptions, device: torch.device) -> dict:
             row["step_peak_mib"] = None if step_peak is None else step_peak / 2**20
             row["flops_per_token"] = contender.flops_per_token
             live.append((row, contender))
-        except Exception as error:  # noqa: BLE001 -- OOM, compile errors: the row records why
+        except Exception as error:
             row["reason"] = failure(error)
             log.warning("ablation %s: %s", stage.key, row["reason"])
         contender = None  # no reference left in this frame when a failed row is freed
@@ -137,7 +137,7 @@ def run_ablation(opts: BenchOptions, device: torch.device) -> dict:
         for row, contender in list(live):
             try:
                 timing = timed(contender.step, opts.steps if r else 1, device)
-            except Exception as error:  # noqa: BLE001 -- as above
+            except Exception as error:
                 row["reason"] = failure(error)
                 live.remove((row, contender))
                 free_memory(device)

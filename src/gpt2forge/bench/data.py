@@ -94,12 +94,12 @@ def run_prepare(opts: BenchOptions) -> dict:
     try:
         module = load_prepare_module(script)
         result = module.run_prepare_benchmark(repeats=repeats)
-    except Exception as error:  # noqa: BLE001 -- a separate script: report its failure, never sink the bench
+    except Exception as error:
         return {"reason": failure(error)}
     out = {"measured_with": f"run_prepare_benchmark(repeats={repeats}) of {script.name}, in this run",
            "ratios": result.get("ratios"), "result": result}
     try:
         out["markdown"] = module.to_markdown(result)
-    except Exception as error:  # noqa: BLE001 -- as above
+    except Exception as error:
         out["markdown_error"] = failure(error)
     return out

@@ -20,8 +20,7 @@ import torch
 from ..config import OptimSection
 from ..device import PEAK_BF16_TFLOPS
 from ..device import autocast as device_autocast
-from ..optim import adamw as build_adamw
-from ..optim import build_optimizers
+from ..optim import build_optimizers, make_adamw
 
 VOCAB = 50257
 QUIET_CORES = 0.25  # a timing counts as uncontended when other processes kept fewer cores busy (bench_prepare too)
@@ -188,7 +187,7 @@ def adamw(model: torch.nn.Module, fused: bool, device: torch.device) -> torch.op
 def fuses_adamw(device: torch.device) -> bool:
     """Whether the optimizer builder fuses AdamW on this device: asked on one parameter, so its rule is not copied."""
     one = [{"params": [torch.nn.Parameter(torch.zeros(1))]}]
-    return bool(build_adamw(one, OptimSection(fused=True), device.type).defaults["fused"])
+    return bool(make_adamw(one, OptimSection(fused=True), device.type).defaults["fused"])
 
 
 def autocast(device: torch.device, bf16: bool):

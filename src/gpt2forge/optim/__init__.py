@@ -22,7 +22,7 @@ from ..config import OptimSection
 from ..models import parameter_roles
 from .schedules import lr_at, muon_momentum_at
 
-__all__ = ["GroupSpec", "Optimizers", "adamw", "build_optimizers", "lr_at", "muon", "muon_momentum_at"]
+__all__ = ["GroupSpec", "Optimizers", "build_optimizers", "lr_at", "make_adamw", "make_muon", "muon_momentum_at"]
 
 
 @dataclass(frozen=True)
@@ -96,18 +96,18 @@ def build_optimizers(model: torch.nn.Module, optim: OptimSection, device_type: s
             continue
         specs[name] = [GroupSpec(name, tuple(roles), scale, wd) for (_, scale, wd), roles, _ in mine]
         param_groups = [{"params": members, "weight_decay": wd} for (_, _, wd), _, members in mine]
-        optimizers[name] = adamw(param_groups, optim, device_type) if name == "adamw" else muon(param_groups, optim)
+        optimizers[name] = make_adamw(param_groups, optim, device_type) if name == "adamw" else make_muon(param_groups, optim)
     return Optimizers(optimizers, specs, optim, max_steps)
 
 
-def adamw(param_groups: list[dict], optim: OptimSection, device_type: str) -> torch.optim.AdamW:
+def make_adamw(param_groups: list[dict], optim: OptimSection, device_type: str) -> torch.optim.AdamW:
     """AdamW, fused into one kernel per step when asked and the device supports it (CUDA and CPU)."""
     fused = optim.fused and device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
     return torch.optim.AdamW(param_groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
                              fused=fused or None)
 
 
-def muon(param_groups: list[dict], optim: OptimSection) -> torch.optim.Optimizer:
+def make_muon(param_groups: list[dict], optim: OptimSection) -> torch.optim.Optimizer:
     from .muon import Muon
 
     return Muon(param_groups, lr=optim.role_lr("matrix"), momentum=optim.muon_momentum,

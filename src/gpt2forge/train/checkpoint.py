@@ -61,7 +61,7 @@ def read_piece(piece: Piece, path: Path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except UserError:
         raise
-    except Exception as e:  # noqa: BLE001 -- truncated zip, bad JSON, unpickling: one message, naming the file
+    except Exception as e:
         raise UserError(f"{path} is damaged and cannot be read ({type(e).__name__}: {e}); resume from another "
                         "checkpoint with --resume PATH") from None
 
@@ -101,13 +101,17 @@ class OptimizersPiece:
 
         if "state" in state and "param_groups" in state:  # saved before optimizers had names: one AdamW
             state = {"adamw": state}
-        missing = [name for name, _ in self.optimizers.items() if name not in state]
-        if missing:
-            raise UserError(f"the checkpoint has no state for optimizer(s) {', '.join(missing)} (it holds "
-                            f"{', '.join(state)}): resume with the optim.optimizer it was trained with")
+        mine = [name for name, _ in self.optimizers.items()]
+        if sorted(state) != sorted(mine):
+            raise UserError(f"the checkpoint holds the state of optimizer(s) {', '.join(state)}, this run has "
+                            f"{', '.join(mine)}: resume with the optim.optimizer it was trained with")
         options = StateDictOptions(full_state_dict=True)
         for name, opt in self.optimizers.items():
-            set_optimizer_state_dict(self.wrapped, opt, optim_state_dict=state[name], options=options)
+            try:
+                set_optimizer_state_dict(self.wrapped, opt, optim_state_dict=state[name], options=options)
+            except (RuntimeError, KeyError, ValueError) as e:
+                raise UserError(f"the checkpoint's {name} state does not fit this run's {name} parameter groups "
+                                f"({e}); resume with the optimizer settings it was trained with") from None
 
 
 def _fsync_tree(directory: Path) -> None:
