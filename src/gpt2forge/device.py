@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import re
 from importlib import metadata
 from pathlib import Path
 
@@ -25,6 +26,7 @@ PEAK_BF16_TFLOPS = {
     "A100": 312.0,
     "A10G": 125.0,
     "L40S": 362.0,
+    "L40": 181.0,
     "L4": 121.0,
     "RTX 4090": 165.0,
     "RTX 3090": 71.0,
@@ -75,16 +77,22 @@ def device_name(device: torch.device | str) -> str:
     return f"{platform.processor() or platform.machine()} CPU ({torch.get_num_threads()} threads)"
 
 
+def gpu_model(name: str) -> str | None:
+    """The ``PEAK_BF16_TFLOPS`` key a CUDA device name is (whole words: an "L40" is not an "L4", a "GH200" not
+    an "H200"), or None. The table is ordered: specific names before generic ones."""
+    for key in PEAK_BF16_TFLOPS:
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", name):
+            return key
+    return None
+
+
 def peak_flops(device: torch.device | str) -> float | None:
     """Peak dense bf16 FLOP/s of a CUDA device, or None when unknown (CPUs: MFU is not reported)."""
     device = torch.device(device)
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_BF16_TFLOPS.items():  # ordered: specific names before generic ones
-        if key in name:
-            return tflops * 1e12
-    return None
+    key = gpu_model(torch.cuda.get_device_name(device))
+    return PEAK_BF16_TFLOPS[key] * 1e12 if key else None
 
 
 CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # what CPU fp32/bf16 matmuls can use

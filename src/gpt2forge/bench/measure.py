@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..config import OptimSection
-from ..device import PEAK_BF16_TFLOPS
+from ..device import gpu_model
 from ..device import autocast as device_autocast
 from ..optim import build_optimizers, make_adamw
 
@@ -33,10 +33,8 @@ def device_kind(device: torch.device) -> str:
     if device.type != "cuda":
         return device.type
     name = torch.cuda.get_device_name(device)
-    for key in PEAK_BF16_TFLOPS:  # ordered: specific names first
-        if key in name:
-            return key.lower().replace(" ", "-")
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    key = gpu_model(name)
+    return key.lower().replace(" ", "-") if key else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 class LoadMeter:

@@ -8,12 +8,19 @@ told to add neither, so an ``accelerate config`` default can never add a second 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ..config import TrainSection
+from ..device import pick_device
+from ..errors import UserError
+
+log = logging.getLogger("gpt2forge.train")
 
 
 @dataclass
@@ -62,13 +69,51 @@ class Parallel:
 
 
 def start(train: TrainSection) -> Parallel:
-    """Join the process group the launcher (torchrun, accelerate launch, or none) describes."""
+    """Join the process group the launcher (torchrun, accelerate launch, or none) describes, on any device.
+
+    The device is resolved first: accelerate forms a CPU process group only when told the run is on the CPU,
+    and without that N launched processes would each train alone, as rank 0, into the same run directory.
+    """
     from accelerate import Accelerator
 
-    accelerator = Accelerator(cpu=train.device == "cpu", mixed_precision="no", dynamo_backend="no")
+    refuse_single_process_accelerate_launch()
+    device = pick_device(train.device)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision="no", dynamo_backend="no")
     world_size = accelerator.num_processes
+    if world_size != launched:
+        raise UserError(
+            f"the launcher started {launched} processes (WORLD_SIZE={launched}) but they formed a process group of "
+            f"{world_size} on {accelerator.device}; set --train.device explicitly (cpu or cuda) and relaunch"
+        )
+    if world_size == 1 and accelerator.device.type == "cuda" and torch.cuda.device_count() > 1:
+        log.warning("one process on a host with %d GPUs: only one is used; launch with torchrun "
+                    "--nproc_per_node=%d (or accelerate launch --multi_gpu) to use them all",
+                    torch.cuda.device_count(), torch.cuda.device_count())
     return Parallel(accelerator, accelerator.device, accelerator.process_index, world_size,
                     fsdp=train.distributed == "fsdp" and world_size > 1)
+
+
+def refuse_single_process_accelerate_launch() -> None:
+    """``accelerate launch --cpu --num_processes N`` (without ``--multi_gpu``) starts ONE process, silently. Its
+    command line is our parent's: read it (Linux) and say what to do instead of training alone."""
+    if "WORLD_SIZE" in os.environ or not any(k.startswith("ACCELERATE_") for k in os.environ):
+        return
+    try:
+        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return
+    if "launch" not in parent or not any(a.endswith("accelerate") or "accelerate" in a for a in parent[:3]):
+        return
+    for i, arg in enumerate(parent):
+        value = arg.split("=", 1)[1] if arg.startswith(("--num_processes=", "--num-processes=")) else (
+            parent[i + 1] if arg in ("--num_processes", "--num-processes") and i + 1 < len(parent) else None)
+        if value is not None and value.isdigit() and int(value) > 1:
+            raise UserError(
+                f"`accelerate launch` was asked for {value} processes but started one (its --cpu launcher without "
+                "--multi_gpu runs a single process); relaunch with `accelerate launch --multi_gpu --cpu "
+                f"--num_processes {value} ...` (works on CPUs too) or `torchrun --nproc_per_node={value} ...`"
+            )
 
 
 def compiled(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
