@@ -119,7 +119,7 @@ def test_zero_init_zeroes_out_projections_and_head():
     assert zeroed == {"lm_head.weight"} | {f"transformer.h.{i}.{m}.c_proj.weight" for i in (0, 1) for m in ("attn", "mlp")}
     assert not model(torch.randint(0, 500, (1, 8)))[0].any()  # uniform first prediction
     assert model.transformer.wte.weight.std().item() == pytest.approx(1.0, rel=0.05)
-    assert model.transformer.h[0].attn.c_q.weight.std().item() == pytest.approx((3 * 32) ** -0.5, rel=0.1)
+    assert model.transformer.h[0].attn.c_q.weight.std().item() == pytest.approx((0.33 / 32) ** 0.5, rel=0.1)
     assert all(not p.any() for n, p in model.named_parameters() if n.endswith(".bias"))
     plain = model_of(small(zero_init=False))
     assert all(p.any() for n, p in plain.named_parameters() if n.endswith(".weight"))
@@ -172,7 +172,7 @@ def test_tied_and_untied_heads():
     assert tied.lm_head.weight is tied.transformer.wte.weight
     assert untied.lm_head.weight is not untied.transformer.wte.weight
     assert untied.num_params() - tied.num_params() == 512 * 32
-    assert tied.lm_head.weight.std().item() == pytest.approx((3 * 32) ** -0.5, rel=0.1)  # the head's init, not N(0, 1)
+    assert tied.lm_head.weight.std().item() == pytest.approx((0.33 / 32) ** 0.5, rel=0.1)  # the head's init, not N(0, 1)
     assert tied_weights(tied.config) == {"lm_head.weight": "transformer.wte.weight"} and tied_weights(untied.config) == {}
     assert tied(torch.randint(0, 500, (1, 8)))[0].any()  # zero_init leaves a tied head alone
 

@@ -180,14 +180,14 @@ class ModernGPT(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """Track 3's init: matrices N(0, 1/(3·fan_in)) (the std of torch's default uniform init), the untied
+        """Track 3's init: matrices N(0, 0.33/fan_in) (its rounding of torch's default uniform init), the untied
         embedding N(0, 1) (torch's default; a norm follows it), biases 0, gains 1, then the out-projections and
         an untied head zeroed (``zero_init``). A tied matrix keeps the head's init: N(0, 1) would start the
         logits at about ±sqrt(n_embd)."""
         c = self.config
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, mean=0.0, std=(3 * module.in_features) ** -0.5)
+                nn.init.normal_(module.weight, mean=0.0, std=(0.33 / module.in_features) ** 0.5)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
