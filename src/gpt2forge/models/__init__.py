@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from . import gpt2
+from . import gpt2, modern
 from .common import IGNORE_INDEX, ModelConfig, Runtime
 
 __all__ = ["ARCHITECTURES", "IGNORE_INDEX", "Architecture", "ModelConfig", "Runtime", "architecture",
@@ -49,6 +49,8 @@ class Architecture:
 ARCHITECTURES: dict[str, Architecture] = {
     "gpt2": Architecture("gpt2", gpt2.GPTConfig, gpt2.GPT, gpt2.PRESETS, "gpt2",
                          "GPT-2 exactly (learned positions, LayerNorm, GELU, tied head)"),
+    "modern": Architecture("modern", modern.ModernConfig, modern.ModernGPT, modern.PRESETS, "gpt2",
+                           "speedrun track 3 (half RoPE, RMSNorm + QK-norm, ReLU², untied zero-init head, softcap)"),
 }
 
 

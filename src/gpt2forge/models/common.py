@@ -1,4 +1,5 @@
-"""What every architecture shares: the size knobs of its config, the KV cache, causal attention, the loss.
+"""What every architecture shares: the size knobs of its config, the KV cache, causal attention, the loss, and the
+building blocks more than one architecture may use (RMSNorm, rotary position embedding).
 
 Pure PyTorch: nothing here (or anywhere in ``models/``) imports the rest of the package, so a model file can be
 read, tested and reused on its own.
@@ -12,6 +13,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 IGNORE_INDEX = -100  # target value skipped by the loss (PyTorch's and Hugging Face's convention)
 ATTENTION_KINDS = ("sdpa", "manual")
@@ -129,3 +131,52 @@ def causal_attention(
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy in fp32 over the targets that are not ``IGNORE_INDEX``."""
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) · gain: LayerNorm without centring or bias, cheaper and as good (Zhang & Sennrich 2019).
+
+    ``eps`` None is F.rms_norm's default, the input dtype's machine epsilon (as the speedrun). The gain is cast to
+    the input's dtype so the fused kernel runs under autocast (a float32 gain on bf16 input falls back).
+    """
+
+    def __init__(self, dim: int, eps: float | None = None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.size(-1),), self.weight.type_as(x), self.eps)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (RoPE, Su et al. 2021) tables for the first ``dims`` dims of a head.
+
+    Rotating q and k of position p by angles p·ω makes q·k depend on positions only through their distance.
+    The ``dims / 2`` frequencies ω are geometric from 1 down to exactly 1/``base`` radians per position (the
+    speedrun's spacing; Llama's ``base^(-2i/dims)`` stops one step short of 1/base). cos/sin of every position
+    of the context are computed once, in float64 then stored float32, as non-persistent buffers: they never
+    enter a state dict and follow ``.to(device)``.
+    """
+
+    def __init__(self, dims: int, max_len: int, base: float) -> None:
+        super().__init__()
+        freq = base ** -torch.linspace(0, 1, dims // 2, dtype=torch.float64)  # (dims/2,) radians per position
+        angle = torch.outer(torch.arange(max_len, dtype=torch.float64), freq)  # (max_len, dims/2)
+        self.register_buffer("cos", angle.cos().float(), persistent=False)
+        self.register_buffer("sin", angle.sin().float(), persistent=False)
+
+    def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of positions start … start+length-1: (length, dims/2) each, views of the tables."""
+        return self.cos[start : start + length], self.sin[start : start + length]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``2·cos.size(-1)`` dims of each head of ``x`` (B, nh, T, hs) by the angles of its T
+    positions (``cos``/``sin`` (T, r/2) from ``Rotary``); the other dims pass through unchanged. Dim i is paired
+    with dim i + r/2 (the half-split layout). Computed in at least float32, returned in x's dtype."""
+    half = cos.size(-1)
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]  # (B, nh, T, r/2), ..., (B, nh, T, hs-r)
+    y1 = x1 * cos - x2 * sin  # cos/sin broadcast over (B, nh)
+    y2 = x1 * sin + x2 * cos
+    return torch.cat((y1.type_as(x), y2.type_as(x), rest), dim=-1)  # (B, nh, T, hs)

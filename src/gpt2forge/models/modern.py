@@ -1,0 +1,244 @@
+"""The modernised GPT of the speedrun's track 3 (modded-nanogpt ``records/track_3_optimization/train_gpt_simple.py``).
+
+Rotary positions on half of each head, RMSNorm (pre-norm, after the embedding, and gain-free on q and k), ReLU²,
+128-wide heads, biases, zero-initialised out-projections and an untied zero-initialised head, soft-capped logits.
+Each choice is a config field whose default is track 3's, so an ablation switches one off. Parameter names
+follow ``gpt2.py`` where the module is the same kind; q, k and v are separate matrices because Muon
+orthogonalises each hidden matrix on its own.
+
+Left out on purpose: the later track-1 records' value residual, x0 shortcuts, U-net skips and document-masked
+sliding windows. Track 3, the plain tuned baseline, has none of them, and each adds model state or ties the
+model to the data layout (document boundaries) and to how evaluation chunks text.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .common import KVCache, ModelConfig, RMSNorm, Rotary, Runtime, apply_rotary, causal_attention, lm_loss
+
+MLP_KINDS = ("relu2", "gelu")
+
+
+@dataclass
+class ModernConfig(ModelConfig):
+    """Shape of a modern model: the size knobs of ``ModelConfig`` (defaults: track 3's 124M model), then one
+    field per architectural choice, each defaulting to track 3's value."""
+
+    arch: ClassVar[str] = "modern"
+
+    n_head: int = 6
+    """Attention heads per block (track 3: 768 wide, heads of 128)."""
+    rope_base: float = 1024.0
+    """Rotary frequencies run geometrically from 1 down to exactly 1/rope_base radians per position (track 3:
+    ``(1/1024) ** linspace(0, 1, head_dim/4)``, its "base freq tuning"; Llama's 10000 ends one step short)."""
+    rope_fraction: float = 0.5
+    """Fraction of each head's dims that rotate, the first ones; the rest carry no position (track 3: half).
+    0 = no positional signal at all (NoPE); 1 = every dim rotates. Track 3 rotates dims [0, hs/4) with
+    [hs/2, 3hs/4) instead: the same model up to a fixed reordering of q's and k's rows."""
+    qk_norm: bool = True
+    """RMSNorm (no gain) on each head's q and k before the rotation, bounding the attention logits (track 3)."""
+    mlp: str = "relu2"
+    """MLP activation: relu2 (ReLU(x)², track 3) or gelu (GPT-2's tanh-approximated GELU)."""
+    embed_norm: bool = True
+    """RMSNorm (with gain) right after the token embedding (track 3)."""
+    tie_embeddings: bool = False
+    """Share one matrix between the token embedding and the head (GPT-2); track 3 unties them (+V·C parameters)."""
+    zero_init: bool = True
+    """Zero-initialise the attention and MLP out-projections and an untied head, so every block starts as the
+    identity and the first logits are uniform (track 3). Off: they get the other matrices' init."""
+    logit_softcap: float = 15.0
+    """Soft-cap the logits to (-cap, cap) as cap·tanh(logits/cap); 0 = off. Track 3 caps at 15 with the algebraic
+    form 15·x/sqrt(x² + 15²), which saturates more slowly; the earlier records (tanh, 30 then 15) used tanh."""
+    bias: bool = True
+    """Biases on every linear layer, the head included (track 3 has them; modern LLMs usually drop them)."""
+    attn_scale: float | None = 0.12
+    """Multiplier of q·k before the softmax; None = 1/sqrt(head_dim) (0.088 at 128). Track 3 uses 0.12, tuned for
+    qk_norm and 128-wide heads: with unit-RMS q and k the logits stay within ±0.12·head_dim."""
+
+    def validate(self) -> None:
+        super().validate()
+        for f in ("qk_norm", "embed_norm", "tie_embeddings", "zero_init", "bias"):
+            if not isinstance(getattr(self, f), bool):
+                raise ValueError(f"model.{f} must be true or false, got {getattr(self, f)!r}")  # noqa: TRY004 (the contract)
+        if self.mlp not in MLP_KINDS:
+            raise ValueError(f"model.mlp must be one of {', '.join(MLP_KINDS)}, got {self.mlp!r}")
+        if not (isinstance(self.rope_base, (int, float)) and math.isfinite(self.rope_base) and self.rope_base > 0):
+            raise ValueError(f"model.rope_base must be a positive number, got {self.rope_base!r}")
+        dims = self.rope_fraction * self.head_dim
+        if not 0 <= self.rope_fraction <= 1 or dims != int(dims) or int(dims) % 2:
+            raise ValueError(f"model.rope_fraction ({self.rope_fraction}) must be in [0, 1] and rotate an even number "
+                             f"of each head's {self.head_dim} dims (dims are rotated in pairs); got {dims:g}")
+        if not (math.isfinite(self.logit_softcap) and self.logit_softcap >= 0):
+            raise ValueError(f"model.logit_softcap must be ≥ 0 (0 = off), got {self.logit_softcap!r}")
+        if self.attn_scale is not None and not (math.isfinite(self.attn_scale) and self.attn_scale > 0):
+            raise ValueError(f"model.attn_scale must be positive (or None for 1/sqrt(head_dim)), got {self.attn_scale!r}")
+
+    @property
+    def rope_dims(self) -> int:
+        """How many of each head's dims rotate."""
+        return int(self.rope_fraction * self.head_dim)
+
+
+PRESETS: dict[str, dict] = {  # GPT-2's sizes and names; the heads 128 wide where the width allows (track 3)
+    "tiny": {"n_layer": 4, "n_head": 2, "n_embd": 128, "block_size": 256},  # CPU tests, quickstart: heads of 64
+    "gpt2": {"n_layer": 12, "n_head": 6, "n_embd": 768},  # track 3's model: 162M untied, 124M tied
+    "gpt2-medium": {"n_layer": 24, "n_head": 8, "n_embd": 1024},
+    "gpt2-large": {"n_layer": 36, "n_head": 10, "n_embd": 1280},
+    "gpt2-xl": {"n_layer": 48, "n_head": 10, "n_embd": 1600},  # 1600 has no split into 128s: heads of 160
+}
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModernConfig, layer: int, runtime: Runtime) -> None:
+        super().__init__()
+        self.layer, self.n_head, self.head_dim = layer, config.n_head, config.head_dim
+        self.attention, self.scale, self.qk_norm = runtime.attention, config.attn_scale, config.qk_norm
+        C = config.n_embd
+        self.c_q = nn.Linear(C, C, bias=config.bias)
+        self.c_k = nn.Linear(C, C, bias=config.bias)
+        self.c_v = nn.Linear(C, C, bias=config.bias)
+        self.c_proj = nn.Linear(C, C, bias=config.bias)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = (lin(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs) each
+                   for lin in (self.c_q, self.c_k, self.c_v))
+        if self.qk_norm:
+            q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))  # (B, nh, T, hs), unit RMS
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)  # (B, nh, T, hs): first rope_dims rotated
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, nh, S, hs): the cached positions, then these
+        y = causal_attention(q, k, v, self.attention, self.scale)  # (B, nh, T, hs)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModernConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.relu2 = config.mlp == "relu2"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c_fc(x)
+        h = F.relu(h).square() if self.relu2 else F.gelu(h, approximate="tanh")
+        return self.c_proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModernConfig, layer: int, runtime: Runtime) -> None:
+        super().__init__()
+        self.ln_1 = RMSNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config, layer, runtime)
+        self.ln_2 = RMSNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class ModernGPT(nn.Module):
+    """The modern GPT. The model contract (see ``models/__init__.py``): ``forward``, ``blocks``, ``num_params``,
+    ``flops_per_token``, ``new_cache``, and the declarations below."""
+
+    embedding_weights: ClassVar[tuple[str, ...]] = ("transformer.wte.weight",)
+    head_weights: ClassVar[tuple[str, ...]] = ("lm_head.weight",)
+
+    @staticmethod
+    def tied_weights(config: ModernConfig) -> dict[str, str]:
+        """``{alias: source}``: the head is the token embedding only when ``tie_embeddings``."""
+        return {"lm_head.weight": "transformer.wte.weight"} if config.tie_embeddings else {}
+
+    def __init__(self, config: ModernConfig, runtime: Runtime | None = None) -> None:
+        super().__init__()
+        runtime = runtime or Runtime()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            {
+                "wte": nn.Embedding(config.padded_vocab_size, config.n_embd),
+                "ln_emb": RMSNorm(config.n_embd) if config.embed_norm else nn.Identity(),
+                "h": nn.ModuleList(Block(config, i, runtime) for i in range(config.n_layer)),
+                "ln_f": RMSNorm(config.n_embd),
+            }
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=config.bias)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        # one table for every layer; None when nothing rotates
+        self.rotary = Rotary(config.rope_dims, config.block_size, config.rope_base) if config.rope_dims else None
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """Track 3's init: matrices N(0, 0.33/fan_in) (its rounding of torch's default uniform init), the untied
+        embedding N(0, 1) (torch's default; a norm follows it), biases 0, gains 1, then the out-projections and
+        an untied head zeroed (``zero_init``). A tied matrix keeps the head's init: N(0, 1) would start the
+        logits at about ±sqrt(n_embd)."""
+        c = self.config
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=(0.33 / module.in_features) ** 0.5)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        if not c.tie_embeddings:
+            nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        if c.zero_init:
+            outputs = [m for b in self.transformer.h for m in (b.attn.c_proj, b.mlp.c_proj)]
+            for module in outputs + ([] if c.tie_embeddings else [self.lm_head]):
+                nn.init.zeros_(module.weight)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The repeated blocks: FSDP shards each on its own."""
+        return self.transformer.h
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count, tied weights once. ``non_embedding`` drops the token embedding, a lookup without FLOPs,
+        unless it is also the head (tied: a matmul, kept as GPT-2 keeps its own); an untied head always counts."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and not self.config.tie_embeddings:
+            n -= self.transformer.wte.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward): 6N + 12·L·H·Q·T (PaLM appendix B, nanoGPT's MFU)."""
+        c = self.config
+        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
+
+    def new_cache(self, batch_size: int) -> KVCache:
+        c = self.config
+        return KVCache(c.n_layer, batch_size, c.n_head, c.block_size, c.head_dim)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Soft-capped logits over the real vocabulary (padding sliced off) and, given targets, the mean
+        cross-entropy of those logits. With a cache, positions continue from ``cache.pos``."""
+        T = idx.size(1)
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context length {self.config.block_size}")
+        rope = self.rotary(start, T) if self.rotary is not None else None  # cos, sin: (T, rope_dims/2) each
+        x = self.transformer.ln_emb(self.transformer.wte(idx))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, rope, cache)
+        if cache is not None:
+            cache.pos += T
+        logits = self.lm_head(self.transformer.ln_f(x))[..., : self.config.vocab_size]  # (B, T, V)
+        cap = self.config.logit_softcap
+        if cap:
+            logits = cap * torch.tanh(logits.float() / cap)  # in float32: bf16 steps are 1/16 near a cap of 15
+        loss = lm_loss(logits, targets) if targets is not None else None
+        return logits, loss

@@ -1,0 +1,319 @@
+"""The modern architecture (speedrun track 3): rotary positions, the KV cache, each config switch, sizes, weights
+files, the registry and config, and training through the real trainer."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from gpt2forge.config import load_config
+from gpt2forge.data.shards import write_shard
+from gpt2forge.errors import UserError
+from gpt2forge.models import Runtime, build_model, make_config, tied_weights
+from gpt2forge.models.common import Rotary, apply_rotary
+from gpt2forge.models.modern import ModernConfig, ModernGPT
+from gpt2forge.sample import generate
+
+VOCAB = 512
+
+
+def small(**fields) -> ModernConfig:
+    """Two layers, heads of 16 (8 dims rotate), a 32-token context, a 500-token vocabulary (padded to 512)."""
+    sizes = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "vocab_size": 500, "vocab_multiple": 64}
+    return ModernConfig(**{**sizes, **fields})
+
+
+def model_of(config: ModernConfig, runtime: Runtime | None = None, seed: int = 0) -> ModernGPT:
+    torch.manual_seed(seed)
+    return ModernGPT(config, runtime).eval()
+
+
+# ---------------------------------------------------------------------------------------------- rotary positions
+def test_rotary_scores_depend_only_on_distance_and_leave_the_other_dims_alone():
+    torch.manual_seed(0)
+    hs, r, T = 16, 8, 40
+    cos, sin = Rotary(r, T, base=1024.0)(0, T)  # (T, r/2)
+    q, k = torch.randn(hs), torch.randn(hs)
+    rq = apply_rotary(q.expand(1, 1, T, hs), cos, sin)[0, 0]  # (T, hs): the same q at every position
+    rk = apply_rotary(k.expand(1, 1, T, hs), cos, sin)[0, 0]
+    scores = rq @ rk.T  # (T, T): scores[m, n] = q at m · k at n
+    for offset in range(-T + 1, T):  # a Toeplitz matrix: constant along each diagonal, i.e. a function of m - n
+        diagonal = torch.diagonal(scores, offset)
+        torch.testing.assert_close(diagonal, diagonal[:1].expand_as(diagonal), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(scores[3, 0], scores[4, 0])  # ... and that function is not constant
+    assert torch.equal(rq[:, r:], q[r:].expand(T, hs - r))  # the unrotated dims pass through bit for bit
+    assert torch.equal(rq[0], q)  # position 0 is the identity
+    assert not torch.allclose(rq[5, :r], q[:r])  # the others rotate, keeping each pair's length
+    def pair_lengths(x):
+        return x[..., : r // 2] ** 2 + x[..., r // 2 : r] ** 2
+
+    torch.testing.assert_close(pair_lengths(rq), pair_lengths(q).expand(T, r // 2))
+
+
+def test_rotary_frequencies_run_from_one_to_one_over_base():
+    rotary = Rotary(8, 4, base=1024.0)
+    angle = torch.atan2(rotary.sin[1], rotary.cos[1])  # radians per position, one per pair
+    torch.testing.assert_close(angle, torch.tensor([1.0, 1024 ** (-1 / 3), 1024 ** (-2 / 3), 1 / 1024]))
+    assert not dict(ModernGPT(small()).state_dict()).keys() & {"rotary.cos", "rotary.sin"}  # never stored
+
+
+def test_without_rotary_a_one_layer_model_cannot_see_order():
+    """One layer, no positions: the last token's keys and values are a bag of the earlier tokens."""
+    idx = torch.tensor([[5, 9, 17, 33, 2, 7]])
+    shuffled = torch.tensor([[33, 17, 5, 2, 9, 7]])  # the same tokens before the last one, reordered
+    for fraction, order_matters in ((0.0, False), (0.5, True)):
+        model = model_of(small(n_layer=1, rope_fraction=fraction, zero_init=False)).double()
+        last, last_shuffled = model(idx)[0][0, -1], model(shuffled)[0][0, -1]
+        assert torch.allclose(last, last_shuffled) != order_matters
+
+
+# ----------------------------------------------------------------------------------------- cache and causality
+@pytest.mark.parametrize("attention", ["sdpa", "manual"])
+def test_kv_cache_matches_full_passes_and_greedy_decoding(attention):
+    model = model_of(small(zero_init=False), Runtime(attention=attention)).double()
+    idx = torch.randint(0, 500, (2, 20))
+    full = model(idx)[0]
+    cache = model.new_cache(2)
+    pieces = [model(idx[:, :7], cache=cache)[0]] + [model(idx[:, t : t + 1], cache=cache)[0] for t in range(7, 20)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-12, rtol=1e-12)  # RoPE continued from cache.pos
+    # 60 new tokens: past the 32-token context, so the window slides (and the cache is rebuilt) too
+    with_cache = generate(model, idx[:, :7], 60, temperature=0, stop_token=None)
+    without = generate(model, idx[:, :7], 60, temperature=0, stop_token=None, use_cache=False)
+    assert with_cache.shape == (2, 67) and len(set(with_cache[:, 7:].flatten().tolist())) > 2
+    assert torch.equal(with_cache, without)
+
+
+def test_future_tokens_do_not_change_past_logits():
+    model = model_of(small(zero_init=False))
+    idx = torch.randint(0, 500, (1, 20))
+    changed = idx.clone()
+    changed[0, 10:] = (idx[0, 10:] + 1) % 500
+    before, after = model(idx)[0], model(changed)[0]
+    torch.testing.assert_close(before[:, :10], after[:, :10])
+    assert not torch.allclose(before[:, 10:], after[:, 10:])
+
+
+def test_context_overflow_is_refused():
+    model = model_of(small())
+    cache = model.new_cache(1)
+    model(torch.zeros(1, 30, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="exceeds the context length 32"):
+        model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+
+
+# ----------------------------------------------------------------------------------------------- the switches
+def test_defaults_are_track_3():
+    c = make_config("modern")
+    assert (c.n_layer, c.n_embd, c.head_dim, c.padded_vocab_size) == (12, 768, 128, 50304)
+    assert (c.rope_base, c.rope_dims, c.attn_scale, c.logit_softcap, c.mlp) == (1024.0, 64, 0.12, 15.0, "relu2")
+    assert c.qk_norm and c.embed_norm and c.zero_init and c.bias and not c.tie_embeddings
+    assert ModernConfig() == c  # the dataclass defaults are the default preset
+
+
+def test_zero_init_zeroes_out_projections_and_head():
+    model = model_of(small())
+    zeroed = {n for n, p in model.named_parameters() if p.dim() == 2 and not p.any()}
+    assert zeroed == {"lm_head.weight"} | {f"transformer.h.{i}.{m}.c_proj.weight" for i in (0, 1) for m in ("attn", "mlp")}
+    assert not model(torch.randint(0, 500, (1, 8)))[0].any()  # uniform first prediction
+    assert model.transformer.wte.weight.std().item() == pytest.approx(1.0, rel=0.05)
+    assert model.transformer.h[0].attn.c_q.weight.std().item() == pytest.approx((0.33 / 32) ** 0.5, rel=0.1)
+    assert all(not p.any() for n, p in model.named_parameters() if n.endswith(".bias"))
+    plain = model_of(small(zero_init=False))
+    assert all(p.any() for n, p in plain.named_parameters() if n.endswith(".weight"))
+
+
+def test_logit_softcap_is_tanh():
+    capped, raw = model_of(small(zero_init=False)), model_of(small(zero_init=False, logit_softcap=0))
+    with torch.no_grad():
+        for m in (capped, raw):
+            m.lm_head.weight.mul_(500)  # logits far beyond the cap
+    idx = torch.randint(0, 500, (2, 10))
+    logits, uncapped = capped(idx)[0], raw(idx)[0]
+    assert uncapped.abs().max() > 100 and logits.abs().max() <= 15
+    torch.testing.assert_close(logits, 15 * torch.tanh(uncapped / 15))
+
+
+def test_qk_norm_makes_attention_blind_to_the_scale_of_q_and_k():
+    idx = torch.randint(0, 500, (1, 12))
+    for qk_norm in (True, False):
+        model = model_of(small(zero_init=False, qk_norm=qk_norm)).double()
+        before = model(idx)[0]
+        with torch.no_grad():
+            for block in model.blocks:
+                for lin in (block.attn.c_q, block.attn.c_k):
+                    lin.weight.mul_(10), lin.bias.mul_(10)
+        assert torch.allclose(model(idx)[0], before) == qk_norm
+
+
+def test_embed_norm_makes_the_embedding_scale_free():
+    idx = torch.randint(0, 500, (1, 12))
+    for embed_norm in (True, False):
+        model = model_of(small(zero_init=False, embed_norm=embed_norm)).double()
+        assert ("transformer.ln_emb.weight" in model.state_dict()) == embed_norm
+        before = model(idx)[0]
+        with torch.no_grad():
+            model.transformer.wte.weight.mul_(7)
+        assert torch.allclose(model(idx)[0], before) == embed_norm
+
+
+@pytest.mark.parametrize("mlp, activation", [("relu2", lambda h: F.relu(h) ** 2),
+                                             ("gelu", lambda h: F.gelu(h, approximate="tanh"))])
+def test_mlp_activation(mlp, activation):
+    block_mlp = model_of(small(zero_init=False, mlp=mlp)).blocks[0].mlp
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(block_mlp(x), block_mlp.c_proj(activation(block_mlp.c_fc(x))))
+
+
+def test_tied_and_untied_heads():
+    untied, tied = model_of(small()), model_of(small(tie_embeddings=True))
+    assert tied.lm_head.weight is tied.transformer.wte.weight
+    assert untied.lm_head.weight is not untied.transformer.wte.weight
+    assert untied.num_params() - tied.num_params() == 512 * 32
+    assert tied.lm_head.weight.std().item() == pytest.approx((0.33 / 32) ** 0.5, rel=0.1)  # the head's init, not N(0, 1)
+    assert tied_weights(tied.config) == {"lm_head.weight": "transformer.wte.weight"} and tied_weights(untied.config) == {}
+    assert tied(torch.randint(0, 500, (1, 8)))[0].any()  # zero_init leaves a tied head alone
+
+
+def test_bias_and_attention_scale_switches():
+    assert not [n for n, _ in model_of(small(bias=False)).named_parameters() if n.endswith("bias")]
+    idx = torch.randint(0, 500, (1, 12))
+    default = model_of(small(zero_init=False, attn_scale=None)).double()
+    explicit = model_of(small(zero_init=False, attn_scale=16**-0.5)).double()
+    track3 = model_of(small(zero_init=False)).double()
+    torch.testing.assert_close(default(idx)[0], explicit(idx)[0])
+    assert not torch.allclose(default(idx)[0], track3(idx)[0])
+
+
+def test_every_switch_off_still_builds_and_learns_something():
+    config = small(rope_fraction=0.0, qk_norm=False, mlp="gelu", embed_norm=False, tie_embeddings=True,
+                   zero_init=False, logit_softcap=0.0, bias=False, attn_scale=None)
+    model = model_of(config).train()
+    idx = torch.randint(0, 500, (2, 16))
+    _, loss = model(idx, idx)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.any() for p in model.parameters())
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("rope_fraction", 0.3, "model.rope_fraction"), ("rope_fraction", 1.5, "model.rope_fraction"),
+    ("rope_base", 0.0, "model.rope_base"), ("mlp", "swiglu", "model.mlp"), ("logit_softcap", -1.0, "model.logit_softcap"),
+    ("attn_scale", 0.0, "model.attn_scale"), ("qk_norm", "yes", "model.qk_norm"), ("n_head", 5, "model.n_head"),
+])
+def test_bad_values_are_refused_naming_the_field(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        small(**{field: value})
+
+
+# ------------------------------------------------------------------------------------------------ sizes, FLOPs
+def test_gpt2_preset_parameter_count_and_flops():
+    V, C, L, T = 50304, 768, 12, 1024
+    block = 4 * (C * C + C) + (C * 4 * C + 4 * C) + (4 * C * C + C) + 2 * C  # q, k, v, proj; fc; proj; two gains
+    untied = V * C + 2 * C + L * block + (C * V + V)  # embedding, its norm and ln_f, blocks, head with its bias
+    assert untied == 162_354_816
+    with torch.device("meta"):
+        model = build_model(make_config("modern", "gpt2"))
+        tied = build_model(make_config("modern", "gpt2", tie_embeddings=True))
+    assert model.num_params() == untied
+    assert model.num_params(non_embedding=True) == untied - V * C  # the lookup table drops, the head stays
+    assert tied.num_params() == tied.num_params(non_embedding=True) == untied - V * C == 123_721_344
+    assert model.flops_per_token(T) == 6 * (untied - V * C) + 12 * L * C * T  # 742M + 113M ≈ 856 MFLOP
+    assert tied.flops_per_token(T) == model.flops_per_token(T)
+
+
+# ------------------------------------------------------------------------------------------ weights and export
+@pytest.mark.parametrize("tie", [False, True])
+def test_weights_round_trip(tmp_path, tie):
+    from gpt2forge.weights import MODEL_FILE, load_model, save_model
+
+    model = model_of(small(tie_embeddings=tie))
+    with torch.no_grad():
+        model.lm_head.weight.normal_()  # not the zeros of zero_init (tied: the embedding too)
+    save_model(model, tmp_path)
+    with safe_open(tmp_path / MODEL_FILE, framework="pt") as f:
+        stored = set(f.keys())
+    assert ("lm_head.weight" in stored) != tie  # a tie is stored once
+    loaded = load_model(tmp_path)
+    assert loaded.config == model.config
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    assert (loaded.lm_head.weight is loaded.transformer.wte.weight) == tie
+    if not tie:
+        assert not torch.equal(loaded.lm_head.weight[:500], loaded.transformer.wte.weight[:500])
+    idx = torch.randint(0, 500, (1, 9))
+    assert torch.equal(loaded(idx)[0], model(idx)[0])
+
+
+def test_hugging_face_export_is_refused(tmp_path):
+    from gpt2forge.hf import export_hf
+
+    with pytest.raises(UserError, match="architecture is 'modern'"):
+        export_hf(model_of(small()), tmp_path / "hf")
+
+
+# ---------------------------------------------------------------------------------------- registry and config
+def test_registry_builds_and_refuses_unknown_fields():
+    config = make_config("modern", "tiny", n_layer=2)
+    assert isinstance(config, ModernConfig) and (config.n_layer, config.head_dim) == (2, 64)
+    assert isinstance(build_model(config), ModernGPT)
+    with pytest.raises(ValueError, match="model.rotary"):
+        make_config("modern", "tiny", rotary=True)
+    with pytest.raises(ValueError, match="model.qk_norm"):
+        make_config("gpt2", "tiny", qk_norm=False)  # a modern field is not GPT-2's
+
+
+def test_training_config_selects_modern():
+    config = load_config(None, ["--model.arch=modern", "--model.preset=tiny", "--model.qk_norm=false",
+                                "--model.attn_scale=none", "--train.seq_len=256"])
+    assert isinstance(config.model, ModernConfig)
+    assert not config.model.qk_norm and config.model.attn_scale is None and config.model.n_embd == 128
+    with pytest.raises(UserError, match="model.mlp"):
+        load_config(None, ["--model.arch=modern", "--model.mlp=swish"])
+
+
+# -------------------------------------------------------------------------------------------- training on CPU
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Synthetic shards with learnable structure (a noisy repeating pattern) over a 512-token vocabulary."""
+    directory = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    pattern = rng.integers(0, VOCAB, 97)
+    for i, n in enumerate([4000, 20000]):
+        tokens = np.resize(pattern, n)
+        noise = rng.random(n) < 0.2
+        tokens[noise] = rng.integers(0, VOCAB, noise.sum())
+        write_shard(directory / f"synthetic_{'val' if i == 0 else 'train'}_{i:06d}.bin", tokens.astype(np.uint16))
+    return directory
+
+
+def train_config(data_dir, out_dir, **extra):
+    settings = {
+        "model.arch": "modern", "model.preset": "tiny", "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32,
+        "model.block_size": 32, "model.vocab_size": VOCAB, "model.vocab_multiple": 64,
+        "data.dir": data_dir, "log.out_dir": out_dir, "log.run_name": "run",
+        "train.max_steps": 8, "train.micro_batch_size": 4, "train.seq_len": 32, "train.total_batch_tokens": 256,
+        "train.device": "cpu", "train.precision": "fp32", "train.compile": False,
+        "optim.lr": 1e-2, "optim.warmup_steps": 2, "optim.min_lr": 1e-3, "optim.decay_steps": 8,
+        "eval.val_every": 4, "eval.val_tokens": 512, "eval.hellaswag_every": 0, "eval.sample_every": 0,
+        "checkpoint.every": 4, "checkpoint.keep_last": 2, "log.every": 1, **extra,
+    }
+    return load_config(None, [f"--{k}={v}" for k, v in settings.items()])
+
+
+def test_training_learns_resumes_exactly_and_samples(data_dir, tmp_path):
+    from gpt2forge.train.trainer import train
+    from gpt2forge.weights import load_model
+
+    full = train(train_config(data_dir, tmp_path / "a"))
+    assert full.losses[1] == pytest.approx(math.log(VOCAB), abs=1e-4)  # zero-init head: uniform at first
+    assert full.losses[8] < full.losses[1] - 0.5  # it learns
+    train(train_config(data_dir, tmp_path / "b", **{"train.max_steps": 4}))
+    resumed = train(train_config(data_dir, tmp_path / "b"), resume="auto")
+    assert resumed.losses == {s: full.losses[s] for s in range(5, 9)}  # exact float equality
+
+    model = load_model(full.run_dir)
+    assert isinstance(model, ModernGPT) and model.lm_head.weight.any()
+    prompt = torch.randint(0, VOCAB, (2, 5))
+    out = generate(model, prompt, 40, temperature=1.0, generator=torch.Generator().manual_seed(0), stop_token=None)
+    assert out.shape == (2, 45) and int(out.max()) < VOCAB
