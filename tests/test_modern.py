@@ -180,7 +180,7 @@ def test_tied_and_untied_heads():
 def test_bias_and_attention_scale_switches():
     assert not [n for n, _ in model_of(small(bias=False)).named_parameters() if n.endswith("bias")]
     idx = torch.randint(0, 500, (1, 12))
-    default = model_of(small(zero_init=False, attn_scale=None)).double()
+    default = model_of(small(zero_init=False, attn_scale=0.0)).double()
     explicit = model_of(small(zero_init=False, attn_scale=16**-0.5)).double()
     track3 = model_of(small(zero_init=False)).double()
     torch.testing.assert_close(default(idx)[0], explicit(idx)[0])
@@ -189,7 +189,7 @@ def test_bias_and_attention_scale_switches():
 
 def test_every_switch_off_still_builds_and_learns_something():
     config = small(rope_fraction=0.0, qk_norm=False, mlp="gelu", embed_norm=False, tie_embeddings=True,
-                   zero_init=False, logit_softcap=0.0, bias=False, attn_scale=None)
+                   zero_init=False, logit_softcap=0.0, bias=False, attn_scale=0.0)
     model = model_of(config).train()
     idx = torch.randint(0, 500, (2, 16))
     _, loss = model(idx, idx)
@@ -200,7 +200,7 @@ def test_every_switch_off_still_builds_and_learns_something():
 @pytest.mark.parametrize("field, value, message", [
     ("rope_fraction", 0.3, "model.rope_fraction"), ("rope_fraction", 1.5, "model.rope_fraction"),
     ("rope_base", 0.0, "model.rope_base"), ("mlp", "swiglu", "model.mlp"), ("logit_softcap", -1.0, "model.logit_softcap"),
-    ("attn_scale", 0.0, "model.attn_scale"), ("qk_norm", "yes", "model.qk_norm"), ("n_head", 5, "model.n_head"),
+    ("attn_scale", -1.0, "model.attn_scale"), ("qk_norm", "yes", "model.qk_norm"), ("n_head", 5, "model.n_head"),
 ])
 def test_bad_values_are_refused_naming_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -265,9 +265,9 @@ def test_registry_builds_and_refuses_unknown_fields():
 
 def test_training_config_selects_modern():
     config = load_config(None, ["--model.arch=modern", "--model.preset=tiny", "--model.qk_norm=false",
-                                "--model.attn_scale=none", "--train.seq_len=256"])
+                                "--model.attn_scale=0", "--train.seq_len=256"])
     assert isinstance(config.model, ModernConfig)
-    assert not config.model.qk_norm and config.model.attn_scale is None and config.model.n_embd == 128
+    assert not config.model.qk_norm and config.model.attn_scale == 0.0 and config.model.n_embd == 128
     with pytest.raises(UserError, match="model.mlp"):
         load_config(None, ["--model.arch=modern", "--model.mlp=swish"])
 

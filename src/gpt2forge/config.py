@@ -25,7 +25,7 @@ else:  # pragma: no cover
 
 from .errors import UserError
 from .models import ModelConfig, architecture, make_config
-from .models.common import ATTENTION_KINDS
+from .models.common import ATTENTION_KINDS, LOSS_KINDS
 
 RECIPES_DIR = Path(__file__).parent / "configs"  # shipped inside the package so named recipes work after any install
 
@@ -119,6 +119,10 @@ class TrainSection:
     attention: str = "sdpa"
     """sdpa (F.scaled_dot_product_attention: flash on GPUs) or manual (explicit masked softmax, for teaching).
     A runtime choice: it changes neither the weights nor what a checkpoint can resume."""
+    loss: str = "chunked"
+    """chunked (fp32 cross-entropy a chunk of rows at a time, padded columns masked: no full fp32 copy of the
+    [B, T, V] logits) or reference (an fp32 copy and F.cross_entropy: build-nanogpt's numerics bit for bit).
+    Equal to fp32 rounding; a runtime choice like attention."""
     distributed: str = "ddp"
     """ddp (replicate the model) or fsdp (shard parameters, gradients and optimizer state: the larger presets)."""
     max_bad_steps: int = 5
@@ -352,6 +356,7 @@ CHOICES = {
     "train.precision": ("auto", "bf16", "fp32"),
     "train.distributed": ("ddp", "fsdp"),
     "train.attention": ATTENTION_KINDS,
+    "train.loss": LOSS_KINDS,
 }
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 

@@ -17,6 +17,7 @@ from torch import nn
 
 IGNORE_INDEX = -100  # target value skipped by the loss (PyTorch's and Hugging Face's convention)
 ATTENTION_KINDS = ("sdpa", "manual")
+LOSS_KINDS = ("reference", "chunked")  # models/loss.py
 
 
 @dataclass
@@ -77,10 +78,15 @@ class Runtime:
 
     attention: str = "sdpa"
     """sdpa (F.scaled_dot_product_attention: flash on GPUs) or manual (explicit masked softmax, for teaching)."""
+    loss: str = "reference"
+    """reference (an fp32 copy of the sliced logits, F.cross_entropy) or chunked (fp32 a chunk of rows at a
+    time, no full copy; with targets, ``forward`` then returns no logits). See ``models/loss.py``."""
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
+        if self.loss not in LOSS_KINDS:
+            raise ValueError(f"loss must be one of {LOSS_KINDS}, got {self.loss!r}")
 
 
 class KVCache:
@@ -126,11 +132,6 @@ def causal_attention(
     att = att / math.sqrt(k.size(-1)) if scale is None else att * scale
     att = att.masked_fill(~causal_mask(T, S, q.device), float("-inf"))
     return F.softmax(att, dim=-1) @ v  # (B, nh, T, hs)
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32 over the targets that are not ``IGNORE_INDEX``."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 class RMSNorm(nn.Module):

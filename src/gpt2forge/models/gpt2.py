@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import KVCache, ModelConfig, Runtime, causal_attention, lm_loss
+from .common import KVCache, ModelConfig, Runtime, causal_attention
+from .loss import chunked_cross_entropy, cross_entropy
 
 
 @dataclass
@@ -96,7 +97,7 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig, runtime: Runtime | None = None) -> None:
         super().__init__()
         runtime = runtime or Runtime()
-        self.config = config
+        self.config, self.loss = config, runtime.loss
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
@@ -148,7 +149,8 @@ class GPT(nn.Module):
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits over the real vocabulary (padding sliced off) and, given targets, the mean cross-entropy."""
+        """Logits over the real vocabulary (padding sliced off) and, given targets, the mean cross-entropy (with
+        the chunked loss, given targets, no logits: materialising them is what it avoids)."""
         T = idx.size(1)
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
@@ -160,6 +162,8 @@ class GPT(nn.Module):
         if cache is not None:
             cache.pos += T
         x = self.transformer.ln_f(x)
+        if targets is not None and self.loss == "chunked":
+            return None, chunked_cross_entropy(self.lm_head(x), targets, self.config.vocab_size)
         logits = self.lm_head(x)[..., : self.config.vocab_size]  # (B, T, V)
-        loss = lm_loss(logits, targets) if targets is not None else None
+        loss = cross_entropy(logits, targets) if targets is not None else None
         return logits, loss

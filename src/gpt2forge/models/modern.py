@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import KVCache, ModelConfig, RMSNorm, Rotary, Runtime, apply_rotary, causal_attention, lm_loss
+from .common import KVCache, ModelConfig, RMSNorm, Rotary, Runtime, apply_rotary, causal_attention
+from .loss import chunked_cross_entropy, cross_entropy, softcap
 
 MLP_KINDS = ("relu2", "gelu")
 
@@ -58,8 +59,8 @@ class ModernConfig(ModelConfig):
     form 15·x/sqrt(x² + 15²), which saturates more slowly; the earlier records (tanh, 30 then 15) used tanh."""
     bias: bool = True
     """Biases on every linear layer, the head included (track 3 has them; modern LLMs usually drop them)."""
-    attn_scale: float | None = 0.12
-    """Multiplier of q·k before the softmax; None = 1/sqrt(head_dim) (0.088 at 128). Track 3 uses 0.12, tuned for
+    attn_scale: float = 0.12
+    """Multiplier of q·k before the softmax; 0 = 1/sqrt(head_dim) (0.088 at 128). Track 3 uses 0.12, tuned for
     qk_norm and 128-wide heads: with unit-RMS q and k the logits stay within ±0.12·head_dim."""
 
     def validate(self) -> None:
@@ -77,8 +78,8 @@ class ModernConfig(ModelConfig):
                              f"of each head's {self.head_dim} dims (dims are rotated in pairs); got {dims:g}")
         if not (math.isfinite(self.logit_softcap) and self.logit_softcap >= 0):
             raise ValueError(f"model.logit_softcap must be ≥ 0 (0 = off), got {self.logit_softcap!r}")
-        if self.attn_scale is not None and not (math.isfinite(self.attn_scale) and self.attn_scale > 0):
-            raise ValueError(f"model.attn_scale must be positive (or None for 1/sqrt(head_dim)), got {self.attn_scale!r}")
+        if not (math.isfinite(self.attn_scale) and self.attn_scale >= 0):
+            raise ValueError(f"model.attn_scale must be ≥ 0 (0 = 1/sqrt(head_dim)), got {self.attn_scale!r}")
 
     @property
     def rope_dims(self) -> int:
@@ -99,7 +100,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModernConfig, layer: int, runtime: Runtime) -> None:
         super().__init__()
         self.layer, self.n_head, self.head_dim = layer, config.n_head, config.head_dim
-        self.attention, self.scale, self.qk_norm = runtime.attention, config.attn_scale, config.qk_norm
+        self.attention, self.scale, self.qk_norm = runtime.attention, config.attn_scale or None, config.qk_norm
         C = config.n_embd
         self.c_q = nn.Linear(C, C, bias=config.bias)
         self.c_k = nn.Linear(C, C, bias=config.bias)
@@ -163,7 +164,7 @@ class ModernGPT(nn.Module):
     def __init__(self, config: ModernConfig, runtime: Runtime | None = None) -> None:
         super().__init__()
         runtime = runtime or Runtime()
-        self.config = config
+        self.config, self.loss = config, runtime.loss
         self.transformer = nn.ModuleDict(
             {
                 "wte": nn.Embedding(config.padded_vocab_size, config.n_embd),
@@ -225,7 +226,8 @@ class ModernGPT(nn.Module):
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Soft-capped logits over the real vocabulary (padding sliced off) and, given targets, the mean
-        cross-entropy of those logits. With a cache, positions continue from ``cache.pos``."""
+        cross-entropy of those logits (with the chunked loss, given targets, no logits: materialising them is
+        what it avoids). With a cache, positions continue from ``cache.pos``."""
         T = idx.size(1)
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
@@ -236,9 +238,10 @@ class ModernGPT(nn.Module):
             x = block(x, rope, cache)
         if cache is not None:
             cache.pos += T
-        logits = self.lm_head(self.transformer.ln_f(x))[..., : self.config.vocab_size]  # (B, T, V)
-        cap = self.config.logit_softcap
-        if cap:
-            logits = cap * torch.tanh(logits.float() / cap)  # in float32: bf16 steps are 1/16 near a cap of 15
-        loss = lm_loss(logits, targets) if targets is not None else None
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V_padded)
+        c = self.config
+        if targets is not None and self.loss == "chunked":
+            return None, chunked_cross_entropy(logits, targets, c.vocab_size, c.logit_softcap)
+        logits = softcap(logits[..., : c.vocab_size], c.logit_softcap)  # (B, T, V)
+        loss = cross_entropy(logits, targets) if targets is not None else None
         return logits, loss

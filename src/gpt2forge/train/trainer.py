@@ -168,7 +168,8 @@ class Trainer:
     def setup_model(self) -> None:
         c, p = self.config, self.parallel
         torch.manual_seed(c.train.seed)
-        self.model = build_model(c.model, Runtime(attention=c.train.attention)).to(p.device)  # the unwrapped module
+        runtime = Runtime(attention=c.train.attention, loss=c.train.loss)
+        self.model = build_model(c.model, runtime).to(p.device)  # the unwrapped module: weights, sampling, export
         if self.resume_from is not None:
             self.check_architecture(self.resume_from)
         self.wrapped = p.wrap(self.model)
