@@ -25,7 +25,7 @@ def both(logits, targets, vocab, cap=0.0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cap", [0.0, 15.0])
 def test_chunked_equals_reference_across_chunks(monkeypatch, dtype, cap):
-    monkeypatch.setattr(lm, "CHUNK_ROWS", 7)  # 50 rows: eight chunks, the last one short
+    monkeypatch.setattr(lm, "CHUNK_BYTES", 7 * 4 * 128)  # 7 rows a chunk, 50 rows: eight chunks, the last short
     torch.manual_seed(0)
     logits = (torch.randn(5, 10, 128) * 6).to(dtype)
     targets = torch.randint(0, 100, (5, 10))

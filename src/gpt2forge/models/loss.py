@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import IGNORE_INDEX
-CHUNK_ROWS = 8192  # rows per fp32 chunk: 1.6 GB at 50,304 columns, and few chunks, so compiling stays quick
+CHUNK_BYTES = 1 << 28  # one fp32 chunk: 256 MB (1,334 rows of 50,304 columns), whatever the batch
 
 
 def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
@@ -35,9 +35,13 @@ def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_siz
     return ChunkedCrossEntropy.apply(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), vocab_size, cap)
 
 
-def _chunk(logits: torch.Tensor, start: int, vocab_size: int, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows ``start:start+CHUNK_ROWS``: (capped fp32 logits with the padded columns at -inf, raw fp32 logits)."""
-    raw = logits[start : start + CHUNK_ROWS].float()
+def chunk_rows(logits: torch.Tensor) -> int:
+    return max(1, CHUNK_BYTES // (4 * logits.size(1)))
+
+
+def _chunk(logits: torch.Tensor, start: int, end: int, vocab_size: int, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``start:end``: (capped fp32 logits with the padded columns at -inf, raw fp32 logits)."""
+    raw = logits[start:end].float()
     x = softcap(raw, cap) if cap else raw.clone()
     x[:, vocab_size:] = float("-inf")
     return x, raw
@@ -52,9 +56,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         picked = torch.where(valid, targets, 0)[:, None]
         lse = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
-        for start in range(0, logits.size(0), CHUNK_ROWS):
-            end = start + CHUNK_ROWS
-            x, _ = _chunk(logits, start, vocab_size, cap)
+        rows = chunk_rows(logits)
+        for start in range(0, logits.size(0), rows):
+            end = start + rows
+            x, _ = _chunk(logits, start, end, vocab_size, cap)
             lse[start:end] = chunk_lse = torch.logsumexp(x, dim=1)
             nll = chunk_lse - x.gather(1, picked[start:end]).squeeze(1)
             total = total + torch.where(valid[start:end], nll, 0.0).sum()
@@ -68,9 +73,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         logits, picked, valid, lse, count = ctx.saved_tensors
         grad_logits = torch.empty_like(logits)
         scale = (grad / count).float()
-        for start in range(0, logits.size(0), CHUNK_ROWS):
-            end = start + CHUNK_ROWS
-            x, raw = _chunk(logits, start, ctx.vocab_size, ctx.cap)
+        rows = chunk_rows(logits)
+        for start in range(0, logits.size(0), rows):
+            end = start + rows
+            x, raw = _chunk(logits, start, end, ctx.vocab_size, ctx.cap)
             g = torch.exp(x - lse[start:end, None])  # softmax; 0 on the padded columns
             g.scatter_add_(1, picked[start:end], torch.full_like(g[:, :1], -1.0))
             g *= valid[start:end, None] * scale
