@@ -105,7 +105,7 @@ def test_val_batches_are_disjoint_full_and_capped(tmp_path):
     # 5 batches on 2 ranks: both get 2 (a rank with an extra forward pass would hang FSDP's collectives)
     ranks = [[first_tokens(x) for x, _ in val_batches(val, 3, T, rank=r, world_size=2)] for r in range(2)]
     assert [len(r) for r in ranks] == [2, 2]
-    assert sorted(sum(ranks, [])) == sorted(everything[:4])
+    assert sorted(t for r in ranks for t in r) == sorted(everything[:4])
     assert len(list(val_batches(val, 3, T, max_tokens=2 * 3 * T))) == 2
     with pytest.raises(UserError, match="one batch per rank needs 100"):
         list(val_batches(val, 100, T))

@@ -23,24 +23,13 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .shards import open_shard
-
-SPLITS = ("train", "val")
+from .shards import check_data_dir, open_shard
 
 
 def find_shards(data_dir: str | os.PathLike, split: str) -> list[Path]:
-    """The ``*_{split}_*.bin`` shards of a directory, in name order (llm.c's naming: ``fineweb_val_000000.bin``)."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    directory = Path(data_dir)
-    if not directory.is_dir():
-        raise UserError(f"data directory {directory} does not exist; create it with `gpt2forge prepare --out {directory}`")
-    shards = sorted(directory.glob(f"*_{split}_*.bin"))
-    if not shards:
-        raise UserError(
-            f"no {split} shards (*_{split}_*.bin) in {directory}; create them with `gpt2forge prepare --out {directory}`"
-        )
-    return shards
+    """The ``*_{split}_*.bin`` shards of a directory, in name order (llm.c's naming: ``fineweb_val_000000.bin``),
+    after ``check_data_dir`` has checked the directory: with a manifest, exactly the shards it lists."""
+    return check_data_dir(data_dir).paths(split)
 
 
 class ShardSequences:
@@ -78,12 +67,18 @@ class TokenLoader:
         grad_accum: int = 1,
         seed: int = 0,
         shuffle: bool = True,
+        vocab_size: int | None = None,
     ) -> None:
+        """``data_dir`` is checked first (``check_data_dir``: an unfinished or broken prepared directory is
+        refused); with ``vocab_size`` (the model's), shards holding a token id ≥ it are refused too."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.data_dir = Path(data_dir)
         self.split = split
-        self.sequences = ShardSequences(find_shards(data_dir, split), seq_len)
+        info = check_data_dir(data_dir)
+        self.sequences = ShardSequences(info.paths(split), seq_len)
+        if vocab_size is not None:
+            info.check_vocab(split, vocab_size)
         self.batch_size, self.seq_len = batch_size, seq_len
         self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
         self.seed, self.shuffle = seed, shuffle
@@ -176,13 +171,18 @@ def val_batches(
     rank: int = 0,
     world_size: int = 1,
     max_tokens: int | None = None,
+    vocab_size: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's share of the validation batches, in order: global batch ``j`` on rank ``j % world_size``.
 
     Only full [B, T] batches (fixed shapes keep compiled models from recompiling), and the same number on every
     rank (under FSDP each forward pass is a collective: a rank with one batch more would wait forever).
-    ``max_tokens`` caps the total over all ranks."""
-    sequences = ShardSequences(find_shards(data_dir, "val"), seq_len)
+    ``max_tokens`` caps the total over all ranks. The directory is checked as ``TokenLoader`` checks it (and
+    against ``vocab_size`` when given) when this is called, before the first batch is asked for."""
+    info = check_data_dir(data_dir)
+    sequences = ShardSequences(info.paths("val"), seq_len)
+    if vocab_size is not None:
+        info.check_vocab("val", vocab_size)
     n_batches = sequences.total // batch_size
     if max_tokens is not None:
         n_batches = min(n_batches, max_tokens // (batch_size * seq_len))
@@ -192,6 +192,12 @@ def val_batches(
             f"the val shards in {data_dir} hold {sequences.total} sequences of {seq_len} tokens; one batch per rank "
             f"needs {batch_size * world_size} (lower the batch size{' or raise the val token budget' if max_tokens else ''})"
         )
+    return _val_batches(sequences, batch_size, rank, world_size, n_batches)
+
+
+def _val_batches(
+    sequences: ShardSequences, batch_size: int, rank: int, world_size: int, n_batches: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     flat = [(s, k) for s, count in enumerate(sequences.counts) for k in range(int(count))]
     for j in range(rank, n_batches, world_size):
         windows = np.stack([sequences.window(*flat[j * batch_size + b]) for b in range(batch_size)])
