@@ -24,6 +24,9 @@ def test_reference_recipe_is_the_reference_run():
     assert (c.model.arch, c.model.n_layer, c.model.n_embd) == ("gpt2", 12, 768) and c.model.padded_vocab_size == 50304
     assert grad_accum_steps(c, 1) == 8 and grad_accum_steps(c, 8) == 1
     assert c.eval.val_every == c.eval.hellaswag_every == c.eval.sample_every == 250
+    assert c.data.shuffle is False  # build-nanogpt read the shards in order
+    assert c.eval.val_tokens == 20 * 8 * 64 * 1024  # the reference numbers' val tokens: the first 10,485,760
+    assert c.train.loss == "reference"  # build-nanogpt's fp32 cross-entropy, bit for bit
 
 
 def test_dotted_overrides_are_typed():

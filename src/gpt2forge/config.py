@@ -133,8 +133,9 @@ class TrainSection:
 class EvalSection:
     val_every: int = 250
     """Validation loss every N steps and at the end (0 = never)."""
-    val_tokens: int = 1310720
-    """Validation tokens per evaluation across all ranks (20 batches of 64×1024), 0 = the whole val split."""
+    val_tokens: int = 10485760
+    """Validation tokens per evaluation: the first val_tokens // seq_len sequences of the val split, the same set on
+    any number of GPUs (0 = the whole split). 10,485,760 is what llm.c, build-nanogpt and modded-nanogpt score."""
     hellaswag_every: int = 250
     """HellaSwag accuracy every N steps and at the end (0 = never)."""
     hellaswag_file: str = ""

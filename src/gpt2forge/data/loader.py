@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..models import IGNORE_INDEX
 from .shards import check_data_dir, open_shard
 
 
@@ -143,24 +144,28 @@ class TokenLoader:
             "shuffle": self.shuffle,
             "seq_len": self.seq_len,
             "sequences_per_step": self.sequences_per_step,
-            "world_size": self.world_size,
+            "world_size": self.world_size,  # a record only: the global batch, not its split, fixes the data
             "data_fingerprint": self.sequences.fingerprint,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore the position, refusing a state that was recorded for other data, seed or batch layout."""
+        """Restore the position, refusing a state recorded for other data, seed or global batch. The world size,
+        micro-batch and accumulation may differ (elastic resume): step s reads the same global batch on any."""
         mine = self.state_dict()
         problems = [
             f"{key}: checkpoint {state.get(key)!r}, now {mine[key]!r}"
-            for key in ("seed", "shuffle", "seq_len", "sequences_per_step", "world_size", "data_fingerprint")
+            for key in ("seed", "shuffle", "seq_len", "sequences_per_step", "data_fingerprint")
             if state.get(key) != mine[key]
         ]
         if problems:
             raise UserError(
                 "the checkpoint's data position does not fit this run (" + "; ".join(problems) + "). Resume with the "
-                "same data directory, seed, sequence length, world size and batch layout, or start a new run"
+                "same data directory, seed, sequence length and total batch (train.total_batch_tokens; the number "
+                "of processes may change), or start a new run"
             )
-        self.step, self.micro_step = int(state["step"]), int(state["micro_step"])
+        if int(state["micro_step"]) != 0:
+            raise UserError("the checkpoint was saved in the middle of an optimizer step; resume from another one")
+        self.step, self.micro_step = int(state["step"]), 0
 
 
 def val_batches(
@@ -173,33 +178,42 @@ def val_batches(
     max_tokens: int | None = None,
     vocab_size: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's share of the validation batches, in order: global batch ``j`` on rank ``j % world_size``.
+    """This rank's share of the validation set, as [B, T] batches.
 
-    Only full [B, T] batches (fixed shapes keep compiled models from recompiling), and the same number on every
-    rank (under FSDP each forward pass is a collective: a rank with one batch more would wait forever).
-    ``max_tokens`` caps the total over all ranks. The directory is checked as ``TokenLoader`` checks it (and
-    against ``vocab_size`` when given) when this is called, before the first batch is asked for."""
+    The set is the first ``max_tokens // seq_len`` sequences of the val split (all of them for None or 0): a
+    function of ``max_tokens`` and ``seq_len`` alone, so 1 GPU and 8 score the same tokens, whatever the batch
+    size. Global batch ``j`` goes to rank ``j % world_size``. Every batch has the full [B, T] shape (a compiled
+    model never recompiles): the last one is filled up with rows whose targets are all ``IGNORE_INDEX``, and a
+    rank short of a batch gets one that is ignored entirely, so every rank runs the same number of forward passes
+    (under FSDP each is a collective: a rank with one batch more would wait forever). The directory is checked as
+    ``TokenLoader`` checks it (and against ``vocab_size`` when given) when this is called."""
     info = check_data_dir(data_dir)
     sequences = ShardSequences(info.paths("val"), seq_len)
     if vocab_size is not None:
         info.check_vocab("val", vocab_size)
-    n_batches = sequences.total // batch_size
-    if max_tokens is not None:
-        n_batches = min(n_batches, max_tokens // (batch_size * seq_len))
-    n_batches -= n_batches % world_size
-    if n_batches == 0:
-        raise UserError(
-            f"the val shards in {data_dir} hold {sequences.total} sequences of {seq_len} tokens; one batch per rank "
-            f"needs {batch_size * world_size} (lower the batch size{' or raise the val token budget' if max_tokens else ''})"
-        )
-    return _val_batches(sequences, batch_size, rank, world_size, n_batches)
+    n_sequences = val_sequences(max_tokens, seq_len, sequences.total)
+    if n_sequences == 0:
+        raise UserError(f"a val token budget of {max_tokens} is less than one sequence of {seq_len} tokens; raise it")
+    n_global = -(-n_sequences // batch_size)
+    return _val_batches(sequences, batch_size, n_sequences, range(rank, -(-n_global // world_size) * world_size,
+                                                                  world_size))
 
 
-def _val_batches(
-    sequences: ShardSequences, batch_size: int, rank: int, world_size: int, n_batches: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    flat = [(s, k) for s, count in enumerate(sequences.counts) for k in range(int(count))]
-    for j in range(rank, n_batches, world_size):
-        windows = np.stack([sequences.window(*flat[j * batch_size + b]) for b in range(batch_size)])
-        windows = torch.from_numpy(windows.astype(np.int64))
-        yield windows[:, :-1], windows[:, 1:]
+def val_sequences(max_tokens: int | None, seq_len: int, available: int) -> int:
+    """How many val sequences a token budget scores (``val_batches``' set): for baselines on the same tokens."""
+    return min(available, max_tokens // seq_len) if max_tokens else available
+
+
+def _val_batches(sequences: ShardSequences, batch_size: int, n_sequences: int,
+                 batches: range) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    flat = [(s, k) for s, count in enumerate(sequences.counts) for k in range(int(count))][:n_sequences]
+    seq_len = sequences.seq_len
+    for j in batches:
+        rows = flat[j * batch_size : (j + 1) * batch_size]
+        windows = np.zeros((batch_size, seq_len + 1), dtype=np.int64)
+        if rows:
+            windows[: len(rows)] = np.stack([sequences.window(*row) for row in rows])
+        windows = torch.from_numpy(windows)
+        x, y = windows[:, :-1], windows[:, 1:].clone()
+        y[len(rows):] = IGNORE_INDEX  # padding rows: scored by nobody
+        yield x, y

@@ -139,7 +139,8 @@ def _val_loss(model, data, val_tokens, batch_size, seq_len, device: str, autocas
     if seq_len > model.config.block_size:
         raise UserError(f"--seq-len {seq_len} exceeds the model's context of {model.config.block_size} tokens")
     shards = find_shards(data, "val")
-    batches = val_batches(data, batch_size, seq_len, rank=rank, world_size=world_size, max_tokens=val_tokens)
+    batches = val_batches(data, batch_size, seq_len, rank=rank, world_size=world_size, max_tokens=val_tokens,
+                          vocab_size=model.config.vocab_size)
     result = evaluate_loss(model, batches, device=device, autocast_dtype=autocast, world_size=world_size)
     return {
         **result,

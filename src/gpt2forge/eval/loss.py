@@ -45,7 +45,7 @@ def evaluate_loss(
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 _, loss = model(x, targets=y)
             count = (y != IGNORE_INDEX).sum()
-            loss_sum += loss.to(loss_sum.dtype) * count
+            loss_sum += torch.where(count > 0, loss.to(loss_sum.dtype) * count, 0.0)  # an all-padding batch: NaN
             tokens += count
             n_batches += 1
     finally:

@@ -43,7 +43,8 @@ class InLoopEvaluation:
         c, p, results = self.config, self.parallel, {}
         if self.due(c.eval.val_every, step):
             batches = val_batches(c.data.dir, c.train.micro_batch_size, c.train.seq_len, rank=p.rank,
-                                  world_size=p.world_size, max_tokens=c.eval.val_tokens or None)
+                                  world_size=p.world_size, max_tokens=c.eval.val_tokens or None,
+                                  vocab_size=c.model.vocab_size)
             out = evaluate_loss(self.train_model, batches, device=p.device, autocast_dtype=self.autocast_dtype,
                                 world_size=p.world_size)
             results["val_loss"] = out["loss"]

@@ -186,7 +186,7 @@ class Trainer:
         c, p = self.config, self.parallel
         self.loader = TokenLoader(
             c.data.dir, c.train.micro_batch_size, c.train.seq_len, rank=p.rank, world_size=p.world_size,
-            grad_accum=self.grad_accum, seed=c.train.seed, shuffle=c.data.shuffle,
+            grad_accum=self.grad_accum, seed=c.train.seed, shuffle=c.data.shuffle, vocab_size=c.model.vocab_size,
         )
 
     def setup_logging(self) -> None:
