@@ -14,6 +14,16 @@ HELLASWAG_SAMPLE = Path(__file__).parent / "data" / "hellaswag_val_head64.jsonl"
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_multiple=1)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` run where a GPU is (benchmarks/gpu_check.sh); elsewhere they are skipped, saying why."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: run benchmarks/gpu_check.sh on one")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _restore_train_logger():
     """Commands install a console handler on the training logger (and stop propagation); undo it per test so

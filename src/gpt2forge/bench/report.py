@@ -123,8 +123,23 @@ def data_markdown(d: dict) -> list[str]:
     return lines
 
 
+def loss_memory_markdown(loss: dict) -> list[str]:
+    if loss.get("reason"):
+        return [f"Loss implementations: n/a — {loss['reason']}.", ""]
+    rows = {r["loss"]: r["step_peak_mib"] for r in loss["rows"]}
+    saved = loss["saved_mib"]
+    return [
+        f"One `{loss['preset']}` training step at B={loss['batch_size']}, T={loss['seq_len']} (vocab 50304): peak "
+        f"memory it adds ({loss['how']}) with the reference loss {rows['reference']:,.0f} MiB, with the chunked loss "
+        f"{rows['chunked']:,.0f} MiB: " + (f"**{saved:,.0f} MiB less** ({100 * saved / rows['reference']:.0f}%)"
+                                           if saved > 0 else "no saving at this size (one chunk holds every row)")
+        + ". Losses and gradients agree to fp32 rounding (tests/test_loss.py).", ""]
+
+
 def memory_markdown(m: dict) -> list[str]:
     lines = ["## Memory", ""]
+    if "loss" in m:
+        lines += loss_memory_markdown(m["loss"])
     if m.get("reason"):
         return lines + [f"n/a — {m['reason']}.", ""]
     lines += [
