@@ -5,6 +5,7 @@ import torch
 from gpt2forge.data.loader import TokenLoader, val_batches
 from gpt2forge.data.shards import ShardError, write_shard
 from gpt2forge.errors import UserError
+from gpt2forge.models import IGNORE_INDEX
 
 T = 8
 
@@ -86,12 +87,26 @@ def test_state_dict_resumes_exactly(data_dir):
     assert all(torch.equal(c.next_batch()[0], ref) for ref in reference[17:])
 
 
-def test_state_dict_refuses_other_seed_world_or_data(data_dir, tmp_path):
+def test_prefetched_batches_are_the_pure_function_of_the_position(data_dir):
+    """next_batch prepares the following batch in a thread: what it hands out is still batch(step, micro_step),
+    also right after the position was reloaded (a stale prefetch is discarded)."""
+    loader = TokenLoader(data_dir, 2, T, grad_accum=3, seed=5)
+    positions = [(s, m) for s in range(4) for m in range(3)]
+    for step, micro in positions[:7]:
+        assert all(torch.equal(a, b) for a, b in zip(loader.next_batch(), loader.batch(step, micro)))
+    state = loader.state_dict()  # position (2, 1): the batch of (2, 1) is being prefetched
+    loader.load_state_dict({**state, "step": 1, "micro_step": 0})
+    assert all(torch.equal(a, b) for a, b in zip(loader.next_batch(), loader.batch(1, 0)))
+    loader.close()
+
+
+def test_state_dict_refuses_other_seed_data_or_global_batch(data_dir, tmp_path):
     state = TokenLoader(data_dir, 2, T, world_size=2, seed=1).state_dict()
     with pytest.raises(UserError, match="seed: checkpoint 1, now 2"):
         TokenLoader(data_dir, 2, T, world_size=2, seed=2).load_state_dict(state)
-    with pytest.raises(UserError, match="world_size: checkpoint 2, now 1"):
-        TokenLoader(data_dir, 4, T, world_size=1, seed=1).load_state_dict(state)
+    TokenLoader(data_dir, 4, T, world_size=1, seed=1).load_state_dict(state)  # elastic: the same global batch
+    with pytest.raises(UserError, match="sequences_per_step: checkpoint 4, now 2"):
+        TokenLoader(data_dir, 2, T, world_size=1, seed=1).load_state_dict(state)
     other = make_shards(tmp_path / "other", [50 * T + 1])
     with pytest.raises(UserError, match="data_fingerprint"):
         TokenLoader(other, 2, T, world_size=2, seed=1).load_state_dict(state)
@@ -100,15 +115,17 @@ def test_state_dict_refuses_other_seed_world_or_data(data_dir, tmp_path):
 def test_val_batches_are_disjoint_full_and_capped(tmp_path):
     val = make_shards(tmp_path / "d", [10 * T + 1, 7 * T + 1], split="val")
     make_shards(val, [T + 1])  # a train shard the val reader must ignore
-    everything = [first_tokens(x) for x, _ in val_batches(val, 3, T)]
-    assert len(everything) == 17 // 3 and all(len(b) == 3 for b in everything)
-    # 5 batches on 2 ranks: both get 2 (a rank with an extra forward pass would hang FSDP's collectives)
-    ranks = [[first_tokens(x) for x, _ in val_batches(val, 3, T, rank=r, world_size=2)] for r in range(2)]
-    assert [len(r) for r in ranks] == [2, 2]
-    assert sorted(t for r in ranks for t in r) == sorted(everything[:4])
+    everything = list(val_batches(val, 3, T))  # 17 sequences: 5 full batches and one with a padding row
+    assert len(everything) == 6 and all(x.shape == y.shape == (3, T) for x, y in everything)
+    assert (everything[-1][1][2] == IGNORE_INDEX).all() and (everything[-1][1][:2] != IGNORE_INDEX).all()
+    # 6 batches on 4 ranks: every rank runs 2 (a rank with an extra forward pass would hang FSDP's collectives)
+    ranks = [list(val_batches(val, 3, T, rank=r, world_size=4)) for r in range(4)]
+    assert [len(r) for r in ranks] == [2, 2, 2, 2]
+    assert sorted(first_tokens(x) for r in ranks for x, y in r if (y != IGNORE_INDEX).any()) == \
+        sorted(first_tokens(x) for x, _ in everything)
     assert len(list(val_batches(val, 3, T, max_tokens=2 * 3 * T))) == 2
-    with pytest.raises(UserError, match="one batch per rank needs 100"):
-        list(val_batches(val, 100, T))
+    with pytest.raises(UserError, match="less than one sequence"):
+        list(val_batches(val, 3, T, max_tokens=T - 1))
 
 
 def test_missing_or_broken_data_is_named(tmp_path):

@@ -62,13 +62,3 @@ def test_models_give_the_same_loss_and_gradients_with_either_loss(arch, fields):
         assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-7), name
     assert torch.equal(chunked(idx)[0], logits)  # without targets, logits as always
 
-
-def test_chunked_loss_has_no_graph_break_under_compile():
-    """The chunked autograd.Function traces whole (one graph), so compiled training keeps its speed."""
-    import torch._dynamo
-
-    model = build_model(make_config("gpt2", "tiny", n_layer=1, vocab_size=300, vocab_multiple=64),
-                        Runtime(loss="chunked"))
-    idx, targets = torch.randint(0, 300, (2, 2, 16))
-    explanation = torch._dynamo.explain(model)(idx, targets)
-    assert explanation.graph_break_count == 0, explanation.break_reasons

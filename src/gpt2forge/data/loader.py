@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -69,9 +71,12 @@ class TokenLoader:
         seed: int = 0,
         shuffle: bool = True,
         vocab_size: int | None = None,
+        pin_memory: bool = False,
     ) -> None:
         """``data_dir`` is checked first (``check_data_dir``: an unfinished or broken prepared directory is
-        refused); with ``vocab_size`` (the model's), shards holding a token id ≥ it are refused too."""
+        refused); with ``vocab_size`` (the model's), shards holding a token id ≥ it are refused too.
+        ``pin_memory`` (for CUDA) returns batches in page-locked memory, so ``.to(device, non_blocking=True)``
+        is an asynchronous copy that never stalls the host."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.data_dir = Path(data_dir)
@@ -85,8 +90,12 @@ class TokenLoader:
         self.seed, self.shuffle = seed, shuffle
         self.sequences_per_step = batch_size * world_size * grad_accum
         self.step, self.micro_step = 0, 0  # the next batch next_batch() returns
+        self.pin_memory = pin_memory
         self._orders: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._permutations: dict[tuple[int, int], np.ndarray] = {}
+        self._lock = threading.Lock()  # the caches above are shared with the prefetch thread
+        self._prefetcher: ThreadPoolExecutor | None = None
+        self._pending: tuple[tuple[int, int], Future] | None = None  # (position, the batch being prepared)
 
     @property
     def sequences_per_epoch(self) -> int:
@@ -124,17 +133,43 @@ class TokenLoader:
         if not 0 <= micro_step < self.grad_accum:
             raise ValueError(f"micro_step {micro_step} outside 0..{self.grad_accum - 1}")
         first = step * self.sequences_per_step + (micro_step * self.world_size + self.rank) * self.batch_size
-        windows = np.stack([self.sequences.window(*self.locate(first + b)) for b in range(self.batch_size)])
+        with self._lock:
+            windows = np.stack([self.sequences.window(*self.locate(first + b)) for b in range(self.batch_size)])
         windows = torch.from_numpy(windows.astype(np.int64))
         return windows[:, :-1], windows[:, 1:]
 
+    def _prepared(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.batch(step, micro_step)
+        if self.pin_memory:
+            return x.contiguous().pin_memory(), y.contiguous().pin_memory()
+        return x, y
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch at the current position, then advance by one micro-step."""
-        x, y = self.batch(self.step, self.micro_step)
+        """The batch at the current position, then advance by one micro-step. The batch after it is prepared in
+        a background thread meanwhile, so the device never waits for the loader. The position, and so the state
+        a checkpoint saves, counts the batches handed out: a prefetched batch is only ever a cache."""
+        position = (self.step, self.micro_step)
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] == position:
+            x, y = pending[1].result()
+        else:
+            if pending is not None:
+                pending[1].result()  # a stale prefetch (the position was reloaded): let it finish, discard it
+            x, y = self._prepared(*position)
         self.micro_step += 1
         if self.micro_step == self.grad_accum:
             self.step, self.micro_step = self.step + 1, 0
+        if self._prefetcher is None:
+            self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpt2forge-loader")
+        nxt = (self.step, self.micro_step)
+        self._pending = (nxt, self._prefetcher.submit(self._prepared, *nxt))
         return x, y
+
+    def close(self) -> None:
+        """Stop the prefetch thread (a loader that is not closed stops it at interpreter exit)."""
+        if self._prefetcher is not None:
+            self._prefetcher.shutdown(wait=True, cancel_futures=True)
+            self._prefetcher, self._pending = None, None
 
     def state_dict(self) -> dict:
         return {
@@ -163,9 +198,7 @@ class TokenLoader:
                 "same data directory, seed, sequence length and total batch (train.total_batch_tokens; the number "
                 "of processes may change), or start a new run"
             )
-        if int(state["micro_step"]) != 0:
-            raise UserError("the checkpoint was saved in the middle of an optimizer step; resume from another one")
-        self.step, self.micro_step = int(state["step"]), 0
+        self.step, self.micro_step = int(state["step"]), int(state["micro_step"])  # checkpoints: micro_step 0
 
 
 def val_batches(

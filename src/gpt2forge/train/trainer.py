@@ -187,6 +187,7 @@ class Trainer:
         self.loader = TokenLoader(
             c.data.dir, c.train.micro_batch_size, c.train.seq_len, rank=p.rank, world_size=p.world_size,
             grad_accum=self.grad_accum, seed=c.train.seed, shuffle=c.data.shuffle, vocab_size=c.model.vocab_size,
+            pin_memory=p.device.type == "cuda",
         )
 
     def setup_logging(self) -> None:
@@ -361,6 +362,7 @@ class Trainer:
         return bool(flag.item())
 
     def close(self) -> None:
+        self.loader.close()
         if self.metrics is not None:
             self.metrics.close()
             log.removeHandler(self._log_handler)
