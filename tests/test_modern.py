@@ -314,6 +314,14 @@ def test_training_learns_resumes_exactly_and_samples(data_dir, tmp_path):
 
     model = load_model(full.run_dir)
     assert isinstance(model, ModernGPT) and model.lm_head.weight.any()
+    # the untied head went through two saves and a resume as itself: bit for bit the uninterrupted run's
+    head = load_model(resumed.run_dir).lm_head.weight
+    assert torch.equal(head, model.lm_head.weight)
+    assert not torch.equal(head, load_model(resumed.run_dir).transformer.wte.weight)
+    from gpt2forge.commands import main
+
+    assert main(["export", str(full.run_dir), str(tmp_path / "hf")]) == 2  # refused, with a message
+    assert not (tmp_path / "hf").exists()
     prompt = torch.randint(0, VOCAB, (2, 5))
     out = generate(model, prompt, 40, temperature=1.0, generator=torch.Generator().manual_seed(0), stop_token=None)
     assert out.shape == (2, 45) and int(out.max()) < VOCAB

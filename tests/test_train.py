@@ -16,6 +16,7 @@ import torch
 from gpt2forge.config import load_config
 from gpt2forge.data.shards import write_shard
 from gpt2forge.errors import UserError
+from gpt2forge.models import build_model
 from gpt2forge.models.gpt2 import GPT
 from gpt2forge.train import checkpoint as ckpt
 from gpt2forge.train.trainer import TrainingStopped, train
@@ -245,10 +246,12 @@ def test_two_process_ddp_matches_one_process_with_accumulation_and_resumes_exact
     assert metric_losses(tmp_path / "ddp2" / "run") == ddp
 
 
-def test_two_process_fsdp_matches_one_process_and_resumes_exactly(data_dir, tmp_path):
+@pytest.mark.parametrize("arch", ["gpt2", "modern"])
+def test_two_process_fsdp_matches_one_process_and_resumes_exactly(data_dir, tmp_path, arch):
     # 384 val tokens = 3 batches of 4×32: an odd count that must not leave one rank in an extra collective
-    fsdp = {"train.distributed": "fsdp", "eval.val_every": 4, "eval.val_tokens": 384, "checkpoint.every": 4}
-    single = train(config(data_dir, tmp_path / "single", **{"eval.val_every": 0}))
+    fsdp = {"model.arch": arch, "train.distributed": "fsdp", "eval.val_every": 4, "eval.val_tokens": 384,
+            "checkpoint.every": 4}
+    single = train(config(data_dir, tmp_path / "single", **{"model.arch": arch, "eval.val_every": 0}))
     torchrun(["train", *tiny_overrides(data_dir, tmp_path / "fsdp", **fsdp)])
     sharded = metric_losses(tmp_path / "fsdp" / "run")
     for step, loss in single.losses.items():
@@ -259,11 +262,8 @@ def test_two_process_fsdp_matches_one_process_and_resumes_exactly(data_dir, tmp_
     # the checkpoint holds the full, unsharded model: it loads on its own
     from gpt2forge.weights import load_model
 
-    assert load_model(tmp_path / "fsdp2" / "run").num_params() == GPT(single_config(data_dir, tmp_path)).num_params()
-
-
-def single_config(data_dir, out_dir):
-    return config(data_dir, out_dir).model
+    expected = build_model(config(data_dir, tmp_path, **{"model.arch": arch}).model).num_params()
+    assert load_model(tmp_path / "fsdp2" / "run").num_params() == expected
 
 
 def test_data_dir_without_shards_is_a_clear_error(tmp_path):
