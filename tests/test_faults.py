@@ -65,6 +65,15 @@ def assert_clean_error(result, *needles):
         assert needle in result.stderr, result.stderr
 
 
+def run_main(args, monkeypatch, capsys) -> str:
+    """``gpt2forge ARGS`` in this process (no process boundary needed): asserts exit status 2, returns stderr."""
+    monkeypatch.setattr(sys, "argv", ["gpt2forge", *args])
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"gpt2forge {args[0]}: error: ") and err.count("\n") == 1, err
+    return err
+
+
 # ---------------------------------------------------------------- kills and signals
 def wait_for(predicate, timeout=300):
     deadline = time.time() + timeout
@@ -217,13 +226,13 @@ def test_resuming_from_the_intact_checkpoint_sets_the_damaged_one_aside(data_dir
     assert runs.checkpoint_problems(run_dir / "step-000004") == []  # the new step 4
 
 
-def test_the_cli_names_the_damaged_checkpoint_and_the_command_to_continue(data_dir, damaged_run):
+def test_the_cli_names_the_damaged_checkpoint_and_the_command_to_continue(data_dir, damaged_run, monkeypatch, capsys):
     run_dir = damaged_run / "run"
     damage(run_dir / "step-000004", "garbage loader.json")
     args = ["train", *tiny_overrides(data_dir, damaged_run, **QUICK)]
-    result = cli([*args, "--resume"])
-    assert_clean_error(result, "step-000004, is damaged (loader.json has 9 bytes",
-                       f"run: gpt2forge {' '.join(args)} --resume {run_dir / 'step-000002'}")
+    err = run_main([*args, "--resume"], monkeypatch, capsys)
+    assert "step-000004, is damaged (loader.json has 9 bytes" in err
+    assert f"run: gpt2forge {' '.join(args)} --resume {run_dir / 'step-000002'}" in err
 
 
 @pytest.mark.parametrize("piece, content", [("loader.json", '{"step": 4}'), ("train_state.json", '{"step": "four"}'),
@@ -284,10 +293,10 @@ def test_a_second_launch_on_a_locked_run_exits_2_naming_the_holder_and_touches_n
     try:
         run_dir = tmp_path / "run"
         before = snapshot(run_dir)
-        for extra in ([], ["--resume", "--data.dir=/nonexistent"]):  # the second would die at start-up
-            result = cli(["train", *tiny_overrides(data_dir, tmp_path, **settings), *extra])
-            assert_clean_error(result, f"{run_dir} is in use by another training launch: pid {os.getpid()} on host "
-                               f"{socket.gethostname()}")
+        # a second launch that would die at start-up (its data directory is missing) — it must not get that far
+        result = cli(["train", *tiny_overrides(data_dir, tmp_path, **settings), "--resume", "--data.dir=/nonexistent"])
+        assert_clean_error(result, f"{run_dir} is in use by another training launch: pid {os.getpid()} on host "
+                           f"{socket.gethostname()}")
         assert snapshot(run_dir) == before  # metrics.csv, config.toml, run.json, checkpoints: untouched
         result = holder.run()
     finally:
@@ -455,27 +464,31 @@ def test_the_spike_guard_never_fires_without_its_history(data_dir, tmp_path, mon
 
 
 # ---------------------------------------------------------------- the filesystem
-def test_an_out_dir_that_is_a_file_is_a_clear_error(data_dir, tmp_path):
+def test_an_out_dir_that_is_a_file_is_a_clear_error(data_dir, tmp_path, monkeypatch, capsys):
     blocker = tmp_path / "out"
     blocker.write_text("not a directory")
-    with pytest.raises(UserError, match=f"cannot use the run directory {blocker / 'run'}: .*Not a directory"):
-        train(config(data_dir, blocker, **QUICK))
-    result = cli(["train", *tiny_overrides(data_dir, blocker, **QUICK)])
-    assert_clean_error(result, "Not a directory; a part of that path is a file")
+    err = run_main(["train", *tiny_overrides(data_dir, blocker, **QUICK)], monkeypatch, capsys)
+    assert f"cannot use the run directory {blocker / 'run'}: Not a directory; a part of that path is a file" in err
     assert blocker.read_text() == "not a directory"
 
 
-def test_an_unwritable_out_dir_is_a_clear_error(data_dir, tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("running as root, which writes through chmod 0500; the path-under-a-file case covers the message")
+def test_an_unwritable_out_dir_is_a_clear_error(data_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "readonly"
     out.mkdir()
-    out.chmod(0o500)
+    if os.geteuid() != 0:
+        out.chmod(0o500)
+        expected, undo = "Permission denied; make it writable", ["chmod", "700", str(out)]
+    else:  # root writes through chmod 0500; a read-only filesystem stops it
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(out)], capture_output=True)
+        if mounted.returncode != 0:
+            pytest.skip(f"running as root, which writes through chmod 0500, and cannot mount a read-only tmpfs here "
+                        f"({mounted.stderr.decode().strip()}); the path-under-a-file case covers the message")
+        expected, undo = "Read-only file system; choose a location on a writable filesystem", ["umount", "-l", str(out)]
     try:
-        result = cli(["train", *tiny_overrides(data_dir, out, **QUICK)])
+        err = run_main(["train", *tiny_overrides(data_dir, out, **QUICK)], monkeypatch, capsys)
     finally:
-        out.chmod(0o700)
-    assert_clean_error(result, "Permission denied; make it writable")
+        subprocess.run(undo, check=False)
+    assert f"cannot use the run directory {out / 'run'}: {expected}" in err
 
 
 def test_a_full_disk_during_a_save_stops_the_run_and_keeps_the_previous_checkpoint(data_dir, tmp_path, monkeypatch):
@@ -591,6 +604,16 @@ def test_a_resume_that_would_change_the_lr_schedule_is_refused_unless_asked(data
     assert "reschedule = true" not in (run_dir / "step-000012" / "config.toml").read_text()
 
 
+def test_a_checkpoint_from_before_stored_schedules_is_checked_against_its_config(data_dir, damaged_run):
+    checkpoint = damaged_run / "run" / "step-000004"
+    state = json.loads((checkpoint / "train_state.json").read_text())
+    del state["schedule"]
+    (checkpoint / "train_state.json").write_text(json.dumps(state))
+    runs.write_manifest(checkpoint)
+    with pytest.raises(UserError, match="another LR schedule: train.max_steps 4 → 6, optim.lr 0.01 → 0.02"):
+        train(config(data_dir, damaged_run, **{**QUICK, "train.max_steps": 6, "optim.lr": 0.02}), resume="auto")
+
+
 def test_a_finished_run_resumed_with_fewer_steps_is_an_error(data_dir, two_checkpoints, tmp_path):
     import shutil
 
@@ -609,9 +632,9 @@ def test_a_non_finite_setting_is_refused(override):
         load_config(None, [f"--{override}"])
 
 
-def test_a_nan_learning_rate_on_the_command_line_exits_2(data_dir, tmp_path):
-    result = cli(["train", *tiny_overrides(data_dir, tmp_path, **{"optim.lr": "nan"})])
-    assert_clean_error(result, "optim.lr must be a finite number, got nan")
+def test_a_nan_learning_rate_on_the_command_line_exits_2(data_dir, tmp_path, monkeypatch, capsys):
+    err = run_main(["train", *tiny_overrides(data_dir, tmp_path, **{"optim.lr": "nan"})], monkeypatch, capsys)
+    assert "optim.lr must be a finite number, got nan" in err
     assert not (tmp_path / "run").exists()
 
 

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from .. import runs
-from ..config import Config, grad_accum_steps, to_toml
+from ..config import Config, grad_accum_steps, load_config, to_toml
 from ..data.loader import TokenLoader
 from ..device import autocast, autocast_dtype, hardware_summary, library_versions, peak_flops
 from ..errors import UserError
@@ -105,6 +105,14 @@ def schedule_settings(config: Config) -> dict:
     return {"max_steps": config.train.max_steps, **{key: getattr(config.optim, key) for key in SCHEDULE_KEYS}}
 
 
+def schedule_in_config(path: Path) -> dict | None:
+    """The schedule settings of a saved config (None when it is missing or unreadable)."""
+    try:
+        return schedule_settings(load_config(str(path))) if path.is_file() else None
+    except (UserError, OSError):
+        return None
+
+
 def lr_curve(optim, max_steps: int, step: int) -> tuple[float, ...]:
     """Every role's LR at ``step`` (as ``Optimizers.set_step`` computes them)."""
     base = lr_at(step, optim, max_steps)
@@ -121,6 +129,7 @@ class Counters:
         self.step, self.elapsed_s, self.bad_steps, self.first_bad_step = 0, 0.0, 0, None
         self.losses: deque[float] = deque(maxlen=config.train.spike_window)  # losses of the last applied steps
         self.notes: list[str] = []  # what a resume found worth saying (logged once the run's log is open)
+        self.legacy_schedule: dict | None = None  # the schedule of a checkpoint whose train state lacks it
 
     def state_dict(self) -> dict:
         return {
@@ -148,10 +157,12 @@ class Counters:
         self.losses = deque((float(x) for x in state.get("loss_window", [])), maxlen=self.config.train.spike_window)
 
     def check_schedule(self, stored: dict | None, step: int) -> None:
-        """Refuse a resume that would change the LR of the coming steps, unless ``train.reschedule`` is set."""
-        if not isinstance(stored, dict):
-            self.notes.append("the checkpoint does not record its LR schedule (an older version wrote it): the "
-                              "config's schedule is used as it is")
+        """Refuse a resume that would change the LR of the coming steps, unless ``train.reschedule`` is set. A
+        train state written before schedules were stored is checked against its checkpoint's ``config.toml``."""
+        stored = stored if isinstance(stored, dict) else self.legacy_schedule
+        if stored is None:
+            self.notes.append("the checkpoint records no LR schedule (an older version wrote it): the config's "
+                              "schedule is used as it is")
             return
         mine = schedule_settings(self.config)
         changed = {key: (stored.get(key), value) for key, value in mine.items() if stored.get(key) != value}
@@ -280,6 +291,7 @@ class Trainer:
                 runs.TRAIN_STATE: self.counters,
             }
             if self.resume_from is not None:
+                self.counters.legacy_schedule = schedule_in_config(self.resume_from / runs.RUN_CONFIG)
                 ckpt.load_checkpoint(self.resume_from, self.pieces, verify=False)  # verified when it was chosen
                 if not self.weights_finite():
                     raise UserError(f"{self.resume_from} holds non-finite weights (a version that did not check them "
