@@ -125,10 +125,10 @@ class TrainSection:
     """Stop the run after this many consecutive skipped steps (a non-finite loss or gradient norm, or a loss
     spike): each is skipped, its update never applied."""
     spike_zscore: float = 7.0
-    """Skip the update of a step whose loss is more than this many standard deviations above the mean of the
-    last spike_window steps' losses (llm.c's loss z-score guard); 0 = off."""
+    """Skip the update of a step whose loss is more than this many standard deviations above the mean loss of
+    the last spike_window applied (not skipped) steps: llm.c's loss z-score guard; 0 = off."""
     spike_window: int = 128
-    """How many recent steps' losses the spike guard compares against (kept in the checkpoint)."""
+    """How many recent applied steps' losses the spike guard compares against (kept in the checkpoint)."""
     spike_min_history: int = 128
     """The spike guard acts only once this many losses are in its window (it never fires earlier)."""
     restart: bool = False
