@@ -3,11 +3,8 @@
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
-import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -26,8 +23,11 @@ VOCAB = 512
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
+    return write_synthetic_shards(tmp_path_factory.mktemp("data"))
+
+
+def write_synthetic_shards(directory):
     """Synthetic shards with learnable structure (a noisy repeating pattern) over a 512-token vocabulary."""
-    directory = tmp_path_factory.mktemp("data")
     rng = np.random.default_rng(0)
     pattern = rng.integers(0, VOCAB, 97)
     for i, n in enumerate([4000, 20000, 20000]):
@@ -47,7 +47,8 @@ def tiny_overrides(data_dir, out_dir, **extra):
         "data.dir": data_dir, "log.out_dir": out_dir, "log.run_name": "run",
         "train.max_steps": 8, "train.micro_batch_size": 4, "train.seq_len": 32, "train.total_batch_tokens": 256,
         "train.device": "cpu", "train.precision": "fp32", "train.compile": False,
-        "optim.lr": 1e-2, "optim.warmup_steps": 2, "optim.min_lr": 1e-3, "optim.decay_steps": 8,  # schedule independent of max_steps
+        "optim.lr": 1e-2, "optim.warmup_steps": 2, "optim.min_lr": 1e-3,
+        "optim.decay_steps": 8,  # the schedule does not follow max_steps: runs of any length share their first steps
         "eval.val_every": 4, "eval.val_tokens": 512, "eval.hellaswag_every": 0, "eval.sample_every": 0,
         "checkpoint.every": 4, "checkpoint.keep_last": 2, "log.every": 1,
     }
@@ -80,7 +81,8 @@ def test_checkpoints_are_complete_and_only_the_last_k_kept(data_dir, tmp_path):
     assert [p.name for p in kept] == ["step-000006", "step-000007", "step-000008"]
     assert (result.run_dir / "latest").read_text().strip() == "step-000008"
     assert not list(result.run_dir.glob("*.tmp"))
-    for piece in ("model.safetensors", "optimizer.pt", "loader.json", "train_state.json", "config.toml", "manifest.json"):
+    for piece in ("model.safetensors", "optimizer.pt", "loader.json", "train_state.json", "config.toml",
+                  "manifest.json"):
         assert (kept[-1] / piece).is_file()
     evals = json.loads((kept[-1] / "training_eval.json").read_text())  # val_every=4 falls on step 8
     assert evals["step"] == 8 and evals["val_loss"] == result.val_loss
@@ -93,7 +95,8 @@ def test_resuming_from_an_older_checkpoint_sets_the_later_ones_aside(data_dir, t
     train(config(data_dir, tmp_path, **{"checkpoint.every": 2, "checkpoint.keep_last": 1}))
     run_dir = tmp_path / "run"
     assert [p.name for p in ckpt.complete_checkpoints(run_dir)] == ["step-000008"]
-    train(config(data_dir, tmp_path / "two", **{"checkpoint.every": 2, "checkpoint.keep_last": 10, "train.max_steps": 6}))
+    train(config(data_dir, tmp_path / "two", **{"checkpoint.every": 2, "checkpoint.keep_last": 10,
+                                                "train.max_steps": 6}))
     two = tmp_path / "two" / "run"
     result = train(config(data_dir, tmp_path / "two", **{"checkpoint.every": 2, "checkpoint.keep_last": 1}),
                    resume=str(two / "step-000002"))
@@ -174,52 +177,7 @@ def run_cli(args, **kwargs):
     return subprocess.run([sys.executable, "-m", "gpt2forge.cli", *args], capture_output=True, text=True, **kwargs)
 
 
-def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
-    args = ["train", *tiny_overrides(data_dir, tmp_path, **{"train.max_steps": 100000, "checkpoint.every": 0, "eval.val_every": 0})]
-    proc = subprocess.Popen([sys.executable, "-m", "gpt2forge.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = tmp_path / "run" / "metrics.csv"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 4):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
-    assert "SIGTERM received" in out and "stopped at step" in out
-    saved = ckpt.complete_checkpoints(tmp_path / "run")
-    assert len(saved) == 1
-    stopped_at = int(saved[0].name.split("-")[1])
-    assert stopped_at >= 3 and max(metric_losses(tmp_path / "run")) == stopped_at
-
-
-KILL_DURING_SAVE = textwrap.dedent("""
-    import os, signal, sys
-    import torch
-    from gpt2forge.train import checkpoint
-    real_save, count = torch.save, [0]
-    def save(obj, path, *a, **k):
-        count[0] += 1
-        if count[0] == 2:  # the second checkpoint: its optimizer.pt is written, then we die mid-save
-            real_save(obj, path, *a, **k)
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real_save(obj, path, *a, **k)
-    checkpoint.torch.save = save
-    from gpt2forge.cli import main
-    sys.exit(main(sys.argv[1:]))
-""")
-
-
-def test_kill_during_save_leaves_previous_checkpoint_usable(data_dir, tmp_path):
-    args = ["train", *tiny_overrides(data_dir, tmp_path / "killed", **{"checkpoint.every": 2, "eval.val_every": 0})]
-    killed = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, *args], capture_output=True, text=True)
-    assert killed.returncode == -signal.SIGKILL
-    run_dir = tmp_path / "killed" / "run"
-    assert [p.name for p in ckpt.complete_checkpoints(run_dir)] == ["step-000002"]
-    assert (run_dir / "step-000004.tmp").is_dir()  # the half-written one
-    assert (run_dir / "latest").read_text().strip() == "step-000002"
-    resumed = train(config(data_dir, tmp_path / "killed", **{"checkpoint.every": 2, "eval.val_every": 0}), resume="auto")
-    assert not (run_dir / "step-000004.tmp").exists()
-    full = train(config(data_dir, tmp_path / "clean", **{"checkpoint.every": 2, "eval.val_every": 0}))
-    assert resumed.losses == {s: full.losses[s] for s in range(3, 9)}
+# SIGTERM, SIGKILL mid-step and mid-save, and the other faults: tests/test_faults.py
 
 
 def torchrun(args, nproc=2):
@@ -282,7 +240,8 @@ def test_validation_hellaswag_and_sampling_work_with_compile_on(data_dir, tmp_pa
 
     cfg = config(data_dir, tmp_path, **{
         "model.vocab_size": 50257, "model.vocab_multiple": 128, "train.compile": True, "train.max_steps": 2,
-        "eval.val_every": 2, "eval.hellaswag_every": 2, "eval.hellaswag_file": str(HELLASWAG_SAMPLE), "eval.hellaswag_limit": 8,
+        "eval.val_every": 2, "eval.hellaswag_every": 2, "eval.hellaswag_file": str(HELLASWAG_SAMPLE),
+        "eval.hellaswag_limit": 8,
         "eval.sample_every": 2, "eval.sample_tokens": 5, "eval.num_samples": 1, "checkpoint.every": 0,
     })
     with caplog.at_level(logging.INFO, logger="gpt2forge.train"):

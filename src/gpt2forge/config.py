@@ -126,7 +126,22 @@ class TrainSection:
     distributed: str = "ddp"
     """ddp (replicate the model) or fsdp (shard parameters, gradients and optimizer state: the larger presets)."""
     max_bad_steps: int = 5
-    """Stop the run after this many consecutive steps with a non-finite loss or gradient norm (each is skipped)."""
+    """Stop the run after this many consecutive skipped steps (a non-finite loss or gradient norm, or a loss
+    spike): each is skipped, its update never applied."""
+    spike_zscore: float = 7.0
+    """Skip the update of a step whose loss is more than this many standard deviations above the mean loss of
+    the last spike_window applied (not skipped) steps: llm.c's loss z-score guard; 0 = off."""
+    spike_window: int = 128
+    """How many recent applied steps' losses the spike guard compares against (kept in the checkpoint)."""
+    spike_min_history: int = 128
+    """The spike guard acts only once this many losses are in its window (it never fires earlier)."""
+    restart: bool = False
+    """Start the run over from step 0 even though its directory has checkpoints: they (and metrics.csv) are
+    moved to RUN_DIR/previous-<time>/, not deleted. For this launch only: the run's saved config says false."""
+    reschedule: bool = False
+    """On resume, adopt LR-schedule settings that differ from the run's own (train.max_steps where the schedule
+    follows it, optim.lr, min_lr, warmup_steps, decay_steps, schedule, cooldown_fraction, role LRs); without it
+    such a resume is refused. For this launch only: the run's saved config says false."""
 
 
 @dataclass
@@ -385,14 +400,15 @@ def validate(config: Config) -> None:
             raise UserError(f"{key} must be one of {', '.join(allowed)}, got {values[key]!r}")
     positive = ["train.max_steps", "train.total_batch_tokens", "train.micro_batch_size", "train.seq_len", "optim.lr",
                 "optim.eps", "checkpoint.keep_last", "log.every", "train.max_bad_steps", "optim.muon_ns_steps",
-                "optim.matrix_lr", "optim.embedding_lr", "optim.head_lr", "optim.scalar_lr", "optim.decay_steps"]
+                "optim.matrix_lr", "optim.embedding_lr", "optim.head_lr", "optim.scalar_lr", "optim.decay_steps",
+                "train.spike_window"]
     for key in positive:
         if values[key] is not None and values[key] <= 0:
             raise UserError(f"{key} must be positive, got {values[key]}")
     non_negative = ["optim.min_lr", "optim.warmup_steps", "optim.weight_decay", "optim.matrix_weight_decay",
                     "optim.grad_clip", "optim.muon_momentum_warmup_steps", "eval.val_every", "eval.val_tokens",
                     "eval.hellaswag_every", "eval.hellaswag_limit", "eval.sample_every", "eval.sample_tokens",
-                    "eval.num_samples", "checkpoint.every"]
+                    "eval.num_samples", "checkpoint.every", "train.spike_zscore"]
     for key in non_negative:
         if values[key] is not None and values[key] < 0:
             raise UserError(f"{key} must be ≥ 0, got {values[key]}")
@@ -406,12 +422,17 @@ def validate(config: Config) -> None:
     if o.min_lr > o.lr:
         raise UserError(f"optim.min_lr ({o.min_lr}) is larger than optim.lr ({o.lr})")
     if t.seq_len > m.block_size:
-        raise UserError(f"train.seq_len ({t.seq_len}) exceeds the model's context length (model.block_size = {m.block_size})")
+        raise UserError(f"train.seq_len ({t.seq_len}) exceeds the model's context length "
+                        f"(model.block_size = {m.block_size})")
     if not DEVICE.match(t.device):
         raise UserError(f"train.device must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}")
     if o.optimizer == "muon" and t.distributed == "fsdp":
         raise UserError("optim.optimizer=muon cannot run with train.distributed=fsdp: Muon orthogonalises whole "
-                        "matrices, which FSDP shards across ranks; use train.distributed=ddp (or optim.optimizer=adamw)")
+                        "matrices, which FSDP shards across ranks; use train.distributed=ddp "
+                        "(or optim.optimizer=adamw)")
+    if not 2 <= t.spike_min_history <= t.spike_window:
+        raise UserError(f"train.spike_min_history must be between 2 and train.spike_window ({t.spike_window}), "
+                        f"got {t.spike_min_history}")
     if e.sample_every and (e.sample_tokens == 0 or e.num_samples == 0):
         raise UserError("eval.sample_tokens and eval.num_samples must be positive when eval.sample_every is set")
 

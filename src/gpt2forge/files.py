@@ -1,13 +1,59 @@
 """Writes that must never leave a half-written file behind: a temporary name, fsync, rename, fsync the folder.
+And what to tell the user when the filesystem refuses (``explain``).
 
 Readers then see the old file or the new one, whole, even after a crash or a kill -9 mid-write.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 from pathlib import Path
+
+# errno → what the user can do about it (the reason itself is the error's own text)
+ADVICE = {
+    errno.ENOSPC: "free space there (or point the output elsewhere), then run the command again",
+    errno.EDQUOT: "free space within your quota (or point the output elsewhere), then run the command again",
+    errno.EFBIG: "the file outgrew the size allowed to this process or filesystem (ulimit -f?): raise the limit or "
+                 "write elsewhere",
+    errno.EACCES: "make it writable (or readable) for this user, or choose another location",
+    errno.EPERM: "make it writable (or readable) for this user, or choose another location",
+    errno.EROFS: "choose a location on a writable filesystem",
+    errno.ENOTDIR: "a part of that path is a file, not a directory: move the file or choose another location",
+    errno.EEXIST: "move what is there away, or choose another location",
+    errno.EISDIR: "a directory is in the way: move it away, or choose another location",
+    errno.ENOENT: "check the path",
+    errno.ENAMETOOLONG: "choose a shorter path",
+    errno.EIO: "the disk or network filesystem failed: check it, then run the command again",
+    errno.EMFILE: "raise the limit of open files (ulimit -n), then run the command again",
+}
+
+
+def is_filesystem_error(error: BaseException) -> bool:
+    """An ``OSError`` about a file or folder (as opposed to, say, a network connection)."""
+    return isinstance(error, OSError) and error.errno in ADVICE
+
+
+def explain(error: OSError, path: str | os.PathLike | None = None) -> str:
+    """``<path>: <reason>; <what to do>`` for a filesystem error (the path from the error unless given)."""
+    where = path if path is not None else error.filename
+    reason = error.strerror or str(error)
+    advice = ADVICE.get(error.errno)
+    text = f"{reason}; {advice}" if advice else reason
+    return f"{where}: {text}" if where is not None else text
+
+
+def free_space(path: str | os.PathLike) -> int | None:
+    """Bytes free on the filesystem holding ``path`` (or its nearest existing parent); None when unknown."""
+    path = Path(path)
+    for candidate in (path, *path.parents):
+        try:
+            return shutil.disk_usage(candidate).free
+        except OSError:
+            continue
+    return None
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:

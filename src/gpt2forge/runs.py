@@ -2,7 +2,8 @@
 
 ``out/<run>/`` holds ``config.toml`` (the resolved config), ``metrics.csv`` (one row per logged step and per
 evaluation, columns ``COLUMNS``), ``train.log``, ``run.json`` (one record per launch: command, versions,
-hardware), ``latest`` (the name of the newest complete checkpoint) and the checkpoints ``step-NNNNNN/``. A
+hardware), ``latest`` (the name of the newest complete checkpoint), the checkpoints ``step-NNNNNN/``, and
+``.lock`` (``RunLock``: held by the launch that trains in it; it names that launch). A
 checkpoint directory holds one file per stateful piece of the run (``train/checkpoint.py`` writes them) and a
 ``manifest.json`` with every file's size and sha256, written last: a checkpoint is complete exactly when its
 manifest is there, and verified when its files still match it.
@@ -17,11 +18,19 @@ import hashlib
 import json
 import os
 import re
+import socket
+import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import UserError
 from .files import atomic_write_json
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover -- not POSIX: the lock is only the record in the file
+    fcntl = None
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -29,6 +38,7 @@ RUN_CONFIG = "config.toml"
 METRICS = "metrics.csv"
 RUN_RECORD = "run.json"
 TRAIN_STATE = "train_state.json"
+LOCK = ".lock"
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 LEGACY_PIECES = ("model.safetensors", "optimizer.pt", "train_state.json", "rng.pt", "config.toml")  # before manifests
 COLUMNS = (
@@ -50,6 +60,14 @@ def is_complete(path: Path) -> bool:
     if not (path.is_dir() and STEP_DIR.match(path.name)):
         return False
     return (path / MANIFEST).is_file() or all((path / p).is_file() for p in LEGACY_PIECES)
+
+
+def step_dirs(run_dir: Path) -> list[Path]:
+    """Every ``step-N`` directory of a run, complete or not, by step, oldest first. A save only ever renames a
+    finished ``step-N.tmp`` to ``step-N``, so one of these that is not complete and verified is damaged."""
+    if not run_dir.is_dir():
+        return []
+    return sorted((p for p in run_dir.iterdir() if p.is_dir() and STEP_DIR.match(p.name)), key=checkpoint_step)
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -104,20 +122,24 @@ def checkpoint_problems(checkpoint: Path, full: bool = True) -> list[str]:
     if not manifest.is_file():
         if all((checkpoint / p).is_file() for p in LEGACY_PIECES):
             return []  # written before checkpoints had manifests: nothing to check against
-        return [f"no {MANIFEST}: the save did not finish"]
+        return [f"no {MANIFEST} (a save renames a checkpoint into place only after writing it)"]
     try:
         files = json.loads(manifest.read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return [f"unreadable {MANIFEST} ({e})"]
+        files = {str(name): (int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return [f"unreadable {MANIFEST} ({type(e).__name__}: {e})"]
     problems = []
-    for name, expected in files.items():
+    for name, (size, sha256) in files.items():
         path = checkpoint / name
-        if not path.is_file():
-            problems.append(f"{name} is missing")
-        elif path.stat().st_size != expected["bytes"]:
-            problems.append(f"{name} has {path.stat().st_size:,} bytes, the manifest says {expected['bytes']:,}")
-        elif full and file_digest(path) != expected["sha256"]:
-            problems.append(f"{name} does not match its sha256 (damaged)")
+        try:
+            if not path.is_file():
+                problems.append(f"{name} is missing")
+            elif path.stat().st_size != size:
+                problems.append(f"{name} has {path.stat().st_size:,} bytes, the manifest says {size:,}")
+            elif full and file_digest(path) != sha256:
+                problems.append(f"{name} does not match its sha256 (damaged)")
+        except OSError as e:
+            problems.append(f"{name} cannot be read ({e.strerror})")
     return problems
 
 
@@ -152,6 +174,164 @@ def append_launch(run_dir: Path, launch: dict) -> list[str]:
     record["launches"].append({"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), **launch})
     atomic_write_json(path, record)
     return warnings
+
+
+def set_aside(run_dir: Path) -> Path | None:
+    """Move a run's training history (checkpoints of every kind, ``latest``, ``metrics.csv``, ``config.toml``,
+    TensorBoard events) into ``RUN_DIR/previous-<UTC time>/`` so that the run can start over without deleting
+    anything. ``train.log`` and ``run.json`` stay: they record every launch. Returns the folder, or None."""
+    names = {LATEST, METRICS, RUN_CONFIG, "tensorboard"}
+    moving = [p for p in sorted(run_dir.iterdir()) if p.name in names or p.name.startswith("step-")]
+    if not moving:
+        return None
+    target = run_dir / f"previous-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
+    while target.exists():
+        target = target.with_name(target.name + "+")
+    target.mkdir()
+    for path in moving:
+        os.replace(path, target / path.name)
+    return target
+
+
+# ---------------------------------------------------------------- the lock
+LOCK_HEARTBEAT_S = 30.0  # the holder touches its lock file this often
+LOCK_STALE_S = 300.0  # a record left by another host, untouched this long, is presumed dead
+
+
+class RunLocked(UserError):
+    """Another launch holds the run directory."""
+
+
+class RunLock:
+    """The run directory's exclusive lock, held by the main rank for the whole of a training launch.
+
+    ``fcntl.flock`` on ``RUN_DIR/.lock``: the kernel releases it when its holder dies, however it dies, so on one
+    host a lock is never stale. The file records who holds it (pid, host, start time, command) for the message a
+    second launch gets; it is emptied on release, so a record found on acquiring says that the previous holder
+    was killed. The holder touches the file every ``LOCK_HEARTBEAT_S``: a record left by a process on *another*
+    host (network filesystems do not all carry flock across hosts) is honoured while it was touched within
+    ``LOCK_STALE_S`` (the launch is refused), and taken over with a warning after that.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK
+        self.file = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self, command: str = "") -> list[str]:
+        """Take the lock, creating the run directory; raise ``RunLocked`` naming the holder. Returns warnings.
+        Filesystem errors (the directory cannot be created or written) propagate as ``OSError``."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+", encoding="utf-8")  # created if missing, never truncated before it is ours
+        try:
+            warnings, kernel_lock = [], fcntl is not None
+            if kernel_lock:
+                try:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise RunLocked(
+                        f"{self.run_dir} is in use by another training launch: {describe_holder(read_holder(f))}. "
+                        "Wait for it to finish, or stop it (kill -TERM on its pid saves a checkpoint and exits); to "
+                        "train something else meanwhile, choose another --log.run_name"
+                    ) from None
+                except OSError as e:  # a filesystem without flock (ENOLCK, EOPNOTSUPP)
+                    kernel_lock = False
+                    warnings.append(f"{self.path}: this filesystem cannot lock files ({e.strerror}); relying on the "
+                                    "holder's record alone")
+            previous = read_holder(f)
+            if previous:
+                warnings += self._left_behind(previous, f, kernel_lock)
+            f.seek(0)
+            f.truncate()
+            json.dump({"pid": os.getpid(), "host": socket.gethostname(),
+                       "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command}, f)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        except BaseException:
+            f.close()
+            raise
+        self.file = f
+        self._thread = threading.Thread(target=self._heartbeat, name="gpt2forge-run-lock", daemon=True)
+        self._thread.start()
+        return warnings
+
+    def _left_behind(self, holder: dict, f, kernel_lock: bool) -> list[str]:
+        """A record the previous holder did not clear: refuse while that holder may be alive, else a warning."""
+        who = describe_holder(holder)
+        if holder.get("host") == socket.gethostname():
+            pid = holder.get("pid")
+            if not kernel_lock and isinstance(pid, int) and pid != os.getpid() and pid_alive(pid):
+                raise RunLocked(f"{self.run_dir} is in use by another training launch: {who}. Wait for it to "
+                                "finish or stop it; to train something else meanwhile, choose another --log.run_name")
+            return [f"the previous launch in {self.run_dir} ({who}) ended without releasing it (killed?); "
+                    "taking over"]
+        age = time.time() - os.fstat(f.fileno()).st_mtime
+        if age < LOCK_STALE_S:
+            raise RunLocked(
+                f"{self.run_dir} may be in use by a launch on another host: {who}, last alive {age:.0f} s ago, which "
+                f"this host cannot check. If it is gone, launch again once {LOCK_STALE_S / 60:.0f} minutes have passed "
+                f"since then, or delete {self.path} now"
+            )
+        return [f"taking over {self.path} from {who}: no sign of life for {age / 60:.0f} minutes, presumed dead"]
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(LOCK_HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
+
+    def release(self) -> None:
+        """Clear the record and unlock (also done by the kernel, minus the clearing, when the process dies)."""
+        if self.file is None:
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            self.file.seek(0)
+            self.file.truncate()
+            self.file.flush()
+        except OSError:
+            pass
+        try:
+            if fcntl is not None:
+                fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
+        except OSError:
+            pass
+        self.file.close()
+        self.file = None
+
+
+def read_holder(f) -> dict:
+    """The record in an open lock file ({} when empty or unreadable)."""
+    try:
+        f.seek(0)
+        holder = json.loads(f.read() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def describe_holder(holder: dict) -> str:
+    if not holder:
+        return "a process that has not written its name yet"
+    text = f"pid {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started')}"
+    command = str(holder.get("command") or "")
+    return text + (f" ({command[:160]}{'…' if len(command) > 160 else ''})" if command else "")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
 
 
 def format_duration(seconds: float) -> str:

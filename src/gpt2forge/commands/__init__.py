@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from ..errors import UserError
+from ..files import explain, is_filesystem_error
 
 COMMANDS: dict[str, str] = {  # name: one-line help (the module is gpt2forge.commands.<name>)
     "quickstart": "prepare the embedded corpus, train the tiny model on CPU, evaluate, sample",
@@ -84,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         args.run(args)
     except UserError as e:
         print(f"gpt2forge {command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the last line of defence: a filesystem error nothing nearer the work explained
+        if not is_filesystem_error(e):
+            raise
+        print(f"gpt2forge {command}: error: {explain(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"gpt2forge {command}: interrupted", file=sys.stderr)

@@ -11,7 +11,12 @@ step (``training_eval.json``) if there was one, and last a ``manifest.json`` wit
 each file fsynced, then the directory renamed. A directory without the suffix is therefore complete by
 construction, a crash mid-save leaves the previous checkpoint untouched, and a resume verifies the files
 against the manifest before trusting them. The run directory's ``latest`` is replaced atomically after the
-rename, and only then are old checkpoints pruned.
+rename, and only then are old checkpoints pruned. A save that fails (a full disk, an I/O error) removes its
+temporary directory and raises ``CheckpointSaveError``; the earlier checkpoints are untouched.
+
+Choosing what to resume (``find_resume_checkpoint``) verifies every file against the manifest. A ``step-N``
+directory that fails is *damaged* (saves only ever rename a finished directory into place), and it is never
+skipped silently: resuming refuses, naming it and the newest intact checkpoint to use instead.
 """
 
 from __future__ import annotations
@@ -26,8 +31,8 @@ import torch
 
 from .. import runs
 from ..errors import UserError
-from ..files import atomic_write_text, fsync_dir
-from ..runs import MANIFEST, checkpoint_step, complete_checkpoints, newest_checkpoint, step_dir_name
+from ..files import atomic_write_text, explain, free_space, fsync_dir
+from ..runs import MANIFEST, checkpoint_step, complete_checkpoints, step_dir_name
 from ..weights import MODEL_FILE, read_weights, save_weights  # noqa: F401 -- MODEL_FILE: the model piece's file
 
 OPTIMIZER_FILE = "optimizer.pt"
@@ -94,7 +99,8 @@ class OptimizersPiece:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return {name: get_optimizer_state_dict(self.wrapped, opt, options=options) for name, opt in self.optimizers.items()}
+        return {name: get_optimizer_state_dict(self.wrapped, opt, options=options)
+                for name, opt in self.optimizers.items()}
 
     def load_state_dict(self, state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -121,6 +127,10 @@ def _fsync_tree(directory: Path) -> None:
     fsync_dir(directory)
 
 
+class CheckpointSaveError(UserError):
+    """A checkpoint could not be written; its temporary directory is gone and the earlier checkpoints are intact."""
+
+
 def save_checkpoint(run_dir: Path, step: int, pieces: dict[str, Piece], *, keep_last: int, write: bool,
                     extra_files: dict[str, str] | None = None) -> Path | None:
     """Gather every piece's state (all ranks), and on the writing rank save them as ``run_dir/step-NNNNNN``
@@ -130,47 +140,94 @@ def save_checkpoint(run_dir: Path, step: int, pieces: dict[str, Piece], *, keep_
         return None
     final = run_dir / step_dir_name(step)
     tmp = run_dir / (final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, piece in pieces.items():
-        write_piece(piece, states[name], tmp / name)
-    for name, text in (extra_files or {}).items():
-        (tmp / name).write_text(text)
-    runs.write_manifest(tmp)
-    _fsync_tree(tmp)
+    writing = None
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name, piece in pieces.items():
+            writing = name
+            write_piece(piece, states[name], tmp / name)
+        for name, text in (extra_files or {}).items():
+            writing = name
+            (tmp / name).write_text(text)
+        writing = MANIFEST
+        runs.write_manifest(tmp)
+        writing = None
+        _fsync_tree(tmp)
+    except Exception as e:  # torch.save and safetensors report a full disk as RuntimeError / SafetensorError
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointSaveError(_save_failure(final, e, writing)) from e
     replaced = None
-    if final.exists():  # re-saving a step (a stop signal right after a periodic save): keep the old one until done
-        replaced = final.with_name(final.name + ".old")
-        shutil.rmtree(replaced, ignore_errors=True)
-        os.replace(final, replaced)
-    os.replace(tmp, final)
+    try:
+        if final.exists():  # re-saving a step (a stop signal right after a periodic save): keep the old one until done
+            replaced = final.with_name(final.name + ".old")
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(final, replaced)
+        os.replace(tmp, final)
+    except OSError as e:
+        if replaced is not None and not final.exists():
+            os.replace(replaced, final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointSaveError(_save_failure(final, e, None)) from e
     fsync_dir(run_dir)
-    atomic_write_text(run_dir / runs.LATEST, final.name + "\n")
+    try:
+        atomic_write_text(run_dir / runs.LATEST, final.name + "\n")
+    except OSError as e:  # the checkpoint is complete; resume finds it by its step, but stop: the disk is failing
+        raise CheckpointSaveError(f"saved {final}, but could not update {run_dir / runs.LATEST}: {explain(e)}. "
+                                  "No checkpoint was pruned") from e
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
+    if runs.checkpoint_problems(final, full=False):  # never prune on the word of a checkpoint that reads back wrong
+        raise CheckpointSaveError(f"{final} does not read back as written ({'; '.join(runs.checkpoint_problems(final))}"
+                                  "); no checkpoint was pruned. Check the disk")
     for old in complete_checkpoints(run_dir)[:-keep_last]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def load_checkpoint(checkpoint: Path, pieces: dict[str, Piece]) -> None:
-    """Verify ``checkpoint`` against its manifest, then load every piece from it (all ranks)."""
-    problems = runs.checkpoint_problems(checkpoint)
-    if problems:
-        raise UserError(f"checkpoint {checkpoint} is damaged: {'; '.join(problems)}. Resume from another "
-                        "checkpoint with --resume PATH")
+def _save_failure(final: Path, error: Exception, writing: str | None) -> str:
+    what = f" (while writing {writing})" if writing else ""
+    if isinstance(error, OSError):
+        reason = explain(error)
+    else:
+        free = free_space(final.parent)
+        reason = f"{type(error).__name__}: {error}"
+        if free is not None:
+            reason += f" ({free:,} bytes free on that filesystem)"
+    return (f"could not save checkpoint {final}{what}: {reason}. Its temporary directory {final.name}.tmp was "
+            "removed; the earlier checkpoints are untouched")
+
+
+def load_checkpoint(checkpoint: Path, pieces: dict[str, Piece], verify: bool = True) -> None:
+    """Verify ``checkpoint`` against its manifest (unless the caller just did), then load every piece from it
+    (all ranks). Whatever is wrong is a ``UserError`` naming the file."""
+    if verify:
+        problems = runs.checkpoint_problems(checkpoint)
+        if problems:
+            raise UserError(f"checkpoint {checkpoint} is damaged: {'; '.join(problems)}. Resume from another "
+                            "checkpoint with --resume PATH")
     for name, piece in pieces.items():
         path = checkpoint / name
         if not path.is_file() and name == LOADER_FILE and (checkpoint / runs.TRAIN_STATE).is_file():
             state = read_piece(piece, checkpoint / runs.TRAIN_STATE).get("loader")  # older checkpoints kept it there
             if state is not None:
-                piece.load_state_dict(state)
+                _load_piece(piece, state, path)
                 continue
         if not path.is_file():
             raise UserError(f"checkpoint {checkpoint} has no {name}: it was written by another version or recipe; "
                             "resume from another checkpoint")
-        piece.load_state_dict(read_piece(piece, path))
+        _load_piece(piece, read_piece(piece, path), path)
+
+
+def _load_piece(piece: Piece, state, path: Path) -> None:
+    try:
+        piece.load_state_dict(state)
+    except UserError as e:
+        raise UserError(f"cannot resume from {path}: {e}") from None
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError, ArithmeticError, RuntimeError) as e:
+        raise UserError(f"{path} does not hold what this run expects ({type(e).__name__}: {e}); it is damaged or "
+                        "from another version: resume from another checkpoint with --resume PATH") from None
 
 
 def remove_stale_temporaries(run_dir: Path) -> None:
@@ -189,11 +246,12 @@ def remove_stale_temporaries(run_dir: Path) -> None:
 
 
 def supersede_newer(run_dir: Path, resumed: Path) -> list[Path]:
-    """Resuming from an older checkpoint abandons the later ones: rename them ``step-N.superseded`` (kept for the
-    user, invisible to resume and pruning) and point ``latest`` at the resumed step."""
+    """Resuming from an older checkpoint abandons the later ones, damaged ones included: rename them
+    ``step-N.superseded`` (kept for the user, invisible to resume and pruning) and point ``latest`` at the
+    resumed step."""
     step = checkpoint_step(resumed)
     moved = []
-    for newer in complete_checkpoints(run_dir):
+    for newer in runs.step_dirs(run_dir):
         if checkpoint_step(newer) > step:
             target = newer.with_name(newer.name + ".superseded")
             shutil.rmtree(target, ignore_errors=True)
@@ -204,20 +262,53 @@ def supersede_newer(run_dir: Path, resumed: Path) -> list[Path]:
     return moved
 
 
-def find_resume_checkpoint(run_dir: Path, resume: str) -> Path | None:
-    """The checkpoint to resume from: ``auto`` = the newest of ``run_dir`` (None if there is none), otherwise the
-    given checkpoint directory or run directory (its newest)."""
+def find_resume_checkpoint(run_dir: Path, resume: str, how_to_resume=None) -> Path | None:
+    """The verified checkpoint to resume from: ``auto`` = the newest of ``run_dir`` (None if it has none),
+    otherwise the given checkpoint directory or run directory (its newest). A damaged choice is refused, never
+    replaced by another one: the ``UserError`` names it, why, and the newest intact checkpoint, with the command
+    ``how_to_resume(path)`` (default: ``--resume PATH``) that continues from it."""
+    how_to_resume = how_to_resume or (lambda p: f"--resume {p}")
     if resume == "auto":
-        return newest_checkpoint(run_dir)
+        return _newest_verified(run_dir, how_to_resume)
     path = Path(resume)
-    if (path / runs.LATEST).is_file() or complete_checkpoints(path):
-        newest = newest_checkpoint(path)
+    if (path / runs.LATEST).is_file() or runs.step_dirs(path):
+        newest = _newest_verified(path, how_to_resume)
         if newest is None:
-            raise UserError(f"--resume {path}: the run directory has no complete checkpoint")
+            raise UserError(f"--resume {path}: the run directory has no checkpoint")
         return newest
     if not path.is_dir():
         raise UserError(f"--resume {path}: no such checkpoint or run directory")
-    if not runs.is_complete(path):
-        what = f"no {MANIFEST}" if runs.STEP_DIR.match(path.name) else "its name is not step-NNNNNN"
-        raise UserError(f"--resume {path}: not a complete checkpoint ({what})")
+    if not runs.STEP_DIR.match(path.name):
+        raise UserError(f"--resume {path}: not a checkpoint (its name is not step-NNNNNN)")
+    problems = runs.checkpoint_problems(path)
+    if problems:
+        raise UserError(f"--resume {path}: the checkpoint is damaged ({'; '.join(problems)}). Nothing was changed. "
+                        + _instead(path, how_to_resume))
     return path
+
+
+def _newest_verified(run_dir: Path, how_to_resume) -> Path | None:
+    candidates = runs.step_dirs(run_dir)
+    if not candidates:
+        return None
+    newest = candidates[-1]
+    problems = runs.checkpoint_problems(newest)
+    if not problems:
+        return newest
+    raise UserError(
+        f"the newest checkpoint of {run_dir}, {newest.name}, is damaged ({'; '.join(problems)}), and resume does not "
+        f"skip a damaged checkpoint on its own. Nothing was changed. " + _instead(newest, how_to_resume)
+    )
+
+
+def _instead(damaged: Path, how_to_resume) -> str:
+    """What to do about a damaged checkpoint: the newest intact one before it, and the command that uses it."""
+    older = [p for p in runs.step_dirs(damaged.parent) if checkpoint_step(p) < checkpoint_step(damaged)]
+    intact = next((p for p in reversed(older) if not runs.checkpoint_problems(p)), None)
+    if intact is None:
+        return (f"No intact checkpoint precedes it. Restore {damaged.name} (e.g. from a backup) and run again, or "
+                "start the run over with --train.restart=true (its checkpoints are moved to a previous-* folder "
+                "in the run directory, not deleted)")
+    return (f"The newest intact checkpoint is {intact} (step {checkpoint_step(intact)}). To continue from it — the "
+            f"checkpoints after it are then set aside as step-N.superseded, not deleted — run: "
+            f"{how_to_resume(intact)}. Or restore {damaged.name} and run the same command again")
