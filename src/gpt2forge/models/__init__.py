@@ -20,6 +20,7 @@ Model files import nothing from the rest of the package. Sampling policy (temper
 
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ from . import gpt2, modern
 from .common import IGNORE_INDEX, ModelConfig, Runtime
 
 __all__ = ["ARCHITECTURES", "IGNORE_INDEX", "Architecture", "ModelConfig", "Runtime", "architecture",
-           "build_model", "config_from_dict", "make_config", "parameter_roles", "tied_weights"]
+           "build_model", "config_from_dict", "make_config", "padding_params", "parameter_roles", "tied_weights"]
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,14 @@ def tied_weights(config: ModelConfig) -> dict[str, str]:
 def build_model(config: ModelConfig, runtime: Runtime | None = None) -> nn.Module:
     """A freshly initialised model of ``config``'s architecture (seed torch's RNG first for a reproducible init)."""
     return architecture(config.arch).model_class(config, runtime or Runtime())
+
+
+def padding_params(model: nn.Module) -> int:
+    """Parameters that only exist for the vocabulary padding (the padded rows of the embedding, an untied head
+    and its bias): what to subtract to compare counts with unpadded models."""
+    c = model.config
+    extra = c.padded_vocab_size - c.vocab_size
+    return sum(extra * math.prod(p.shape[1:]) for p in model.parameters() if p.dim() and p.shape[0] == c.padded_vocab_size)
 
 
 def parameter_roles(model: nn.Module) -> dict[str, str]:

@@ -46,7 +46,7 @@ from ..data.loader import TokenLoader
 from ..device import autocast, autocast_dtype, hardware_summary, library_versions, peak_flops
 from ..errors import UserError
 from ..files import atomic_write_text, explain
-from ..models import Runtime, build_model
+from ..models import Runtime, build_model, padding_params
 from ..optim import build_optimizers, lr_at
 from ..weights import MODEL_FILE, read_model_config
 from . import checkpoint as ckpt
@@ -441,8 +441,10 @@ class Trainer:
         }):
             log.warning(warning)
         log.info(
-            "run %s | %s params | %d rank(s) on %s | %s | batch %s tokens = %d × %d × %d ranks × %d accumulation | %s",
-            self.run_dir, f"{self.model.num_params():,}", p.world_size, p.device,
+            "run %s | %s params (%s without the vocabulary padding) | %d rank(s) on %s | %s | batch %s tokens = "
+            "%d × %d × %d ranks × %d accumulation | %s",
+            self.run_dir, f"{self.model.num_params():,}", f"{self.model.num_params() - padding_params(self.model):,}",
+            p.world_size, p.device,
             {None: "fp32", torch.bfloat16: "bf16 autocast"}[self.autocast_dtype], f"{c.train.total_batch_tokens:,}",
             c.train.micro_batch_size, c.train.seq_len, p.world_size, self.grad_accum,
             f"resuming from {self.resume_from} at step {self.step}" if self.resume_from else "fresh start",
@@ -523,7 +525,9 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), c.optim.grad_clip or float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a sharded (DTensor) norm
             grad_norm = grad_norm.full_tensor()
-        loss_value, norm_value = loss_sum.item(), float(grad_norm)
+        # the step's finite check reads both numbers in one host sync (the micro-step loop has none: batches are
+        # prefetched and, on CUDA, pinned, so their copies are asynchronous)
+        loss_value, norm_value = torch.stack([loss_sum, grad_norm.to(loss_sum.dtype)]).tolist()
         finite = math.isfinite(loss_value) and math.isfinite(norm_value)
         # the same numbers on every rank (the loss is all-reduced), so every rank decides alike
         zscore = self.counters.loss_zscore(loss_value) if finite and c.train.spike_zscore else None
