@@ -93,7 +93,8 @@ def val_batch_count(data_dir, batch_size: int, seq_len: int, *, world_size: int 
 
 
 class _LogLines:
-    """A file for tqdm that writes every redraw as a line of its own, skipping repeats: progress readable in logs."""
+    """A file for tqdm that writes every redraw as a line of its own, skipping those that show no new progress
+    (tqdm redraws the last state when it closes): progress readable in logs."""
 
     def __init__(self, stream) -> None:
         self.stream, self.last = stream, ""
@@ -101,9 +102,10 @@ class _LogLines:
 
     def write(self, text: str) -> None:
         text = text.replace("\r", "").strip()
-        if text and text != self.last:
+        progress = text.split(" [")[0]  # "desc: 40%|####      | 4/10", without the times and rate
+        if text and progress != self.last:
             self.stream.write(text + "\n")
-            self.last = text
+            self.last = progress
 
     def flush(self) -> None:
         self.stream.flush()
