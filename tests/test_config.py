@@ -116,6 +116,26 @@ def test_config_help_lists_every_key_with_its_type_and_default():
     assert max(map(len, text.splitlines())) <= 100
 
 
+@dataclasses.dataclass
+class _WideConfig(ARCHITECTURES["gpt2"].config_class):
+    rope_base: float = 10000.0
+    """Base of the rotary embedding's frequencies."""
+
+
+def test_config_help_lists_another_architectures_own_fields_from_the_registry(monkeypatch):
+    """An architecture added to the registry (as `modern` is being) shows up without touching the help code."""
+    from gpt2forge.models import Architecture
+
+    gpt2 = ARCHITECTURES["gpt2"]
+    monkeypatch.setitem(ARCHITECTURES, "wide", Architecture("wide", _WideConfig, gpt2.model_class,
+                                                            {"small": {}}, "small", "a test architecture"))
+    flat = " ".join(config_help(width=100).split())
+    assert "--model.arch {gpt2,wide} default: gpt2" in flat and "wide: a test architecture" in flat
+    assert "wide: small (default small)" in flat
+    assert ("fields only arch wide has (--model.arch=wide; defaults: preset small): --model.rope_base FLOAT "
+            "default: 10000.0 Base of the rotary embedding's frequencies.") in flat
+
+
 @pytest.mark.parametrize("recipe, overrides", [
     ("quickstart", ["--optim.lr=1e-3", "--model.n_layer=3", "--eval.sample_prompt=Once upon",
                     "--log.trackers=tensorboard"]),
