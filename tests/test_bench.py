@@ -64,7 +64,23 @@ def test_markdown_table(quick):
         assert column in header
     table = [line for line in md.splitlines() if line[:4] in {f"| {i} " for i in range(1, 8)}]
     assert [line.split(" | ")[1] for line in table] == [s.label for s in STAGES]
-    assert "**Overhead:" in md and "TokenLoader.batch" in md and "MFU: n/a" in md
+    assert "TokenLoader.batch" in md and "MFU: n/a" in md
+    # --quick is a smoke test: said at the top, and its overhead figure is not printed as a finding
+    assert "Smoke test (`--quick`), not a result" in md and "Overhead (smoke test, `--quick`: not a result)" in md
+    assert "**Overhead:" not in md
+
+
+def test_only_a_full_run_on_quiet_rounds_reports_the_overhead_as_a_finding(quick):
+    from gpt2forge.bench.report import _ablation_row, overhead_markdown
+
+    result, _ = quick
+    row = {**result["ablation"]["rows"][0], "quiet_rounds": 0}
+    assert _ablation_row(row).endswith("| contended: no quiet round |")
+    quiet = "\n".join(overhead_markdown({**result["overhead"], "quiet_rounds": 2}))
+    contended = "\n".join(overhead_markdown({**result["overhead"], "quiet_rounds": 0}))
+    assert "**Overhead:" in quiet and "contended" not in quiet
+    assert "**" not in contended and "Overhead (contended: other processes kept ≥ 0.25 cores busy" in contended
+    assert "indicative only" in contended
 
 
 @pytest.mark.parametrize("boundary", [0, 1, 2, 37, 64, 100])

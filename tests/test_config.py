@@ -1,7 +1,21 @@
+import dataclasses
+
 import pytest
 
-from gpt2forge.config import RECIPES_DIR, grad_accum_steps, load_config, to_toml
+from gpt2forge.commands import main
+from gpt2forge.config import (
+    RECIPES_DIR,
+    SECTIONS,
+    TRACKERS,
+    Config,
+    config_help,
+    field_docs,
+    grad_accum_steps,
+    load_config,
+    to_toml,
+)
 from gpt2forge.errors import UserError
+from gpt2forge.models import ARCHITECTURES
 
 
 def test_every_shipped_recipe_loads_and_round_trips(tmp_path):
@@ -30,7 +44,8 @@ def test_reference_recipe_is_the_reference_run():
 
 
 def test_dotted_overrides_are_typed():
-    c = load_config("quickstart", ["--optim.lr=1e-3", "--train.max_steps", "5e3", "--train.compile=true", "--model.n_layer=3"])
+    c = load_config("quickstart",
+                    ["--optim.lr=1e-3", "--train.max_steps", "5e3", "--train.compile=true", "--model.n_layer=3"])
     assert c.optim.lr == 1e-3 and c.train.max_steps == 5000 and c.train.compile is True and c.model.n_layer == 3
 
 
@@ -70,5 +85,96 @@ def test_bad_recipe_files(tmp_path):
 
 def test_impossible_batch_arithmetic_suggests_a_fix():
     c = load_config("gpt2-124m-fineweb-edu-10b")
-    with pytest.raises(UserError, match=r"divisible by micro_batch_size × seq_len × world size = 64 × 1024 × 3 = 196,608; try --train.total_batch_tokens=393216"):
+    message = (r"divisible by micro_batch_size × seq_len × world size = 64 × 1024 × 3 = 196,608; "
+               r"try --train.total_batch_tokens=393216")
+    with pytest.raises(UserError, match=message):
         grad_accum_steps(c, 3)
+
+
+def test_every_setting_has_a_docstring_read_from_the_source():
+    sections = {f.name: f.default_factory for f in dataclasses.fields(Config) if f.name in SECTIONS}
+    classes = [cls for name, cls in sections.items() if name != "model"]
+    classes += [arch.config_class for arch in ARCHITECTURES.values()]  # the model's fields: its architecture's
+    for cls in classes:
+        docs = field_docs(cls)
+        assert set(docs) == {f.name for f in dataclasses.fields(cls)}, cls
+        assert all(docs.values()), cls
+    assert field_docs(sections["optim"])["lr"].startswith("Peak learning rate (AdamW's), reached after the warmup.")
+    assert "50257 → 50304" in field_docs(ARCHITECTURES["gpt2"].config_class)["vocab_multiple"]  # from ModelConfig
+
+
+def test_config_help_lists_every_key_with_its_type_and_default():
+    text = config_help(width=100)
+    flat = " ".join(text.split())
+    config = load_config()
+    for section in SECTIONS:
+        values = config.model.to_dict() if section == "model" else dataclasses.asdict(getattr(config, section))
+        for key in values:
+            assert f"--{section}.{key} " in text, f"{section}.{key}"
+    assert "--model.preset NAME default: gpt2" in flat
+    for arch in ARCHITECTURES.values():  # the model listing comes from the registry
+        assert arch.name in text and ", ".join(arch.presets) in flat
+    assert "--optim.matrix_lr FLOAT (or none) default: none" in flat
+    assert "--train.compile BOOL default: true" in flat and '--log.run_name STR default: ""' in flat
+    assert max(map(len, text.splitlines())) <= 100
+
+
+@dataclasses.dataclass
+class _WideConfig(ARCHITECTURES["gpt2"].config_class):
+    rope_base: float = 10000.0
+    """Base of the rotary embedding's frequencies."""
+
+
+def test_config_help_lists_another_architectures_own_fields_from_the_registry(monkeypatch):
+    """An architecture added to the registry (as `modern` is being) shows up without touching the help code."""
+    from gpt2forge.models import Architecture
+
+    gpt2 = ARCHITECTURES["gpt2"]
+    monkeypatch.setitem(ARCHITECTURES, "wide", Architecture("wide", _WideConfig, gpt2.model_class,
+                                                            {"small": {}}, "small", "a test architecture"))
+    flat = " ".join(config_help(width=100).split())
+    assert "--model.arch {gpt2,wide} default: gpt2" in flat and "wide: a test architecture" in flat
+    assert "wide: small (default small)" in flat
+    assert ("fields only arch wide has (--model.arch=wide; defaults: preset small): --model.rope_base FLOAT "
+            "default: 10000.0 Base of the rotary embedding's frequencies.") in flat
+
+
+@pytest.mark.parametrize("recipe, overrides", [
+    ("quickstart", ["--optim.lr=1e-3", "--model.n_layer=3", "--eval.sample_prompt=Once upon",
+                    "--log.trackers=tensorboard"]),
+    (None, ["--train.max_steps=10", "--optim.decay_steps=5"]),  # no recipe: the defaults, an empty name
+])
+def test_print_config_prints_a_recipe_that_reads_back_identically(tmp_path, capsys, recipe, overrides):
+    args = ["train", *(["--config", recipe] if recipe else []), *overrides, "--print-config"]
+    assert main(args) == 0  # exits without training (no data directory exists here)
+    printed = capsys.readouterr().out
+    saved = tmp_path / "printed.toml"
+    saved.write_text(printed)
+    assert load_config(str(saved)) == load_config(recipe, overrides)
+    assert to_toml(load_config(str(saved))) == printed
+
+
+def test_trackers_setting_and_the_old_switches():
+    assert load_config("quickstart", ["--log.tensorboard=true", "--log.wandb=true"]).log.trackers == "tensorboard,wandb"
+    assert load_config("quickstart", ["--log.tensorboard=false"]).log.trackers == ""
+    c = load_config("quickstart", ["--log.wandb_project=mine", "--log.trackers=mlflow, Aim"])
+    assert (c.log.trackers, c.log.project) == ("mlflow, Aim", "mine")
+    with pytest.raises(UserError, match="log.trackers: unknown tracker.s. tensorbord; choose from tensorboard, wandb"):
+        load_config("quickstart", ["--log.trackers=tensorbord"])
+
+
+def test_trackers_are_accelerates_and_a_missing_package_names_its_install(tmp_path, monkeypatch):
+    import importlib.util
+
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    from gpt2forge.train.metrics import MetricsLogger
+
+    assert set(TRACKERS) <= set(LOGGER_TYPE_TO_CLASS)
+    real = importlib.util.find_spec
+    missing = ("aim", "wandb")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing else real(name, *a))
+    with pytest.raises(UserError, match="aim, wandb are not installed here: pip install aim wandb"):
+        MetricsLogger(tmp_path, trackers="aim,wandb")
+    with pytest.raises(UserError, match=r"pip install wandb \(or pip install 'gpt2forge\[log\]'\)"):
+        MetricsLogger(tmp_path, trackers="wandb")

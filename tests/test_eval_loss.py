@@ -162,10 +162,12 @@ def test_eval_under_torchrun_matches_one_process(tmp_path, tiny_model):
     out = tmp_path / "ddp.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "gpt2forge.cli", "eval", "--model", str(ckpt), "--data", str(data), "--batch-size", "2",
-               "--hellaswag-file", str(HELLASWAG), "--limit", "5", "--device", "cpu", "--out", str(out)]  # fmt: skip
+               "--hellaswag-file", str(HELLASWAG), "--hellaswag-limit", "5", "--device", "cpu",
+               "--out", str(out)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("val loss") == 1  # only rank 0 prints
+    assert result.stderr.count("val loss: 100%") == 1  # and shows progress (stderr)
     saved = json.loads(out.read_text())
     assert saved["world_size"] == 2 and saved["val"]["tokens"] == single["tokens"]
     assert saved["val"]["loss"] == pytest.approx(single["loss"], rel=1e-6)

@@ -217,11 +217,12 @@ def test_eval_cli_writes_hellaswag_results_next_to_the_checkpoint(tmp_path, tiny
     checkpoint.mkdir(parents=True)
     save_model(tiny_model, checkpoint)
     (tmp_path / "run" / "latest").write_text("step-000042\n")
-    assert main(["eval", "--model", str(tmp_path / "run"), "--hellaswag-file", str(SHARED), "--limit", "6"]) == 0
+    args = ["eval", "--model", str(tmp_path / "run"), "--hellaswag-file", str(SHARED), "--hellaswag-limit", "6"]
+    assert main(args) == 0
     out = capsys.readouterr().out
     assert "(step 42)" in out and "acc_norm" in out
     saved = json.loads((checkpoint / "eval.json").read_text())
     assert saved["step"] == 42 and saved["hellaswag"]["n"] == 6 and saved["hellaswag"]["rows"] == 6
     assert saved["hellaswag"]["sha256"] == hashlib.sha256(SHARED.read_bytes()).hexdigest() and saved["versions"]["torch"] == torch.__version__
-    assert main(["eval", "--model", str(checkpoint), "--limit", "3"]) == 2
-    assert "--limit counts HellaSwag rows" in capsys.readouterr().err
+    assert main(["eval", "--model", str(checkpoint), "--hellaswag-limit", "3"]) == 2
+    assert "--hellaswag-limit counts HellaSwag rows" in capsys.readouterr().err

@@ -167,7 +167,7 @@ def test_hub_dataset_path_via_a_local_dataset_repo(tmp_path, texts):
     )
     prepare(HubSource(str(repo), "sample-10BT"), tmp_path / "out", shard_size=10**6, workers=1, progress=False)
     assert documents_of(stream(tmp_path / "out")) == texts[:50]
-    with pytest.raises(UserError, match="cannot open dataset .*nope.*--dataset/--config"):
+    with pytest.raises(UserError, match="cannot open dataset .*nope.*--dataset/--dataset-config"):
         prepare(HubSource(str(repo), "nope"), tmp_path / "out2", workers=1, progress=False)
 
 

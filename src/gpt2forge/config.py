@@ -7,10 +7,14 @@ work starts, so a typo fails in the first second with a message naming the key, 
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
 import math
 import re
 import sys
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,7 +28,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .errors import UserError
-from .models import ModelConfig, architecture, make_config
+from .models import ARCHITECTURES, ModelConfig, architecture, make_config
 from .models.common import ATTENTION_KINDS, LOSS_KINDS
 
 RECIPES_DIR = Path(__file__).parent / "configs"  # shipped inside the package so named recipes work after any install
@@ -183,12 +187,14 @@ class LogSection:
     """Run directory name under out_dir (default: the recipe's name)."""
     every: int = 1
     """Console/CSV line every N steps."""
-    tensorboard: bool = False
-    """Also log to TensorBoard (RUN_DIR/tensorboard; pip install 'gpt2forge[log]')."""
-    wandb: bool = False
-    """Also log to Weights & Biases (pip install 'gpt2forge[log]')."""
-    wandb_project: str = "gpt2forge"
-    """W&B project name."""
+    trackers: str = ""
+    """Experiment trackers that mirror metrics.csv, comma-separated (accelerate's integrations): tensorboard
+    (into RUN_DIR/tensorboard), wandb, mlflow, comet_ml, aim, clearml, dvclive (RUN_DIR/dvclive), swanlab,
+    trackio. Each needs its package: pip install NAME (tensorboard and wandb: pip install 'gpt2forge[log]').
+    The old switches log.tensorboard=true and log.wandb=true still work: they add their tracker here."""
+    project: str = "gpt2forge"
+    """Project the trackers file the run under (W&B, Comet, SwanLab, trackio; MLflow's experiment); the run is
+    named after its directory."""
 
 
 @dataclass
@@ -253,7 +259,11 @@ def _coerce(value, from_text: bool = False, *, hint, key: str):
 
 
 # Keys that moved, still read from older recipes and saved run configs: old (section, key) -> new.
-MOVED = {("model", "attention"): ("train", "attention")}
+MOVED = {("model", "attention"): ("train", "attention"), ("log", "wandb_project"): ("log", "project")}
+# Old on/off switches of one tracker each, still read: true adds the tracker to log.trackers, false does nothing.
+TRACKER_SWITCHES = {("log", "tensorboard"): "tensorboard", ("log", "wandb"): "wandb"}
+# accelerate's tracker names (accelerate.tracking.LOGGER_TYPE_TO_CLASS; a test keeps the two in step).
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
 MODEL_CHOICE_KEYS = ("arch", "preset")  # how the [model] table is read, besides the architecture's own fields
 
 
@@ -272,6 +282,11 @@ class _Loader:
             raise UserError(f"unknown config section {section!r} (in {section}.{key}); sections: {', '.join(SECTIONS)}")
         if section == "model":
             self.model[key] = (value, from_text, "" if from_text else self.origin)
+            return
+        if (section, key) in TRACKER_SWITCHES:
+            if _coerce(value, from_text, hint=bool, key=f"{section}.{key}"):
+                names = tracker_names(self.config.log.trackers, check=False)
+                self.config.log.trackers = ",".join(dict.fromkeys([*names, TRACKER_SWITCHES[section, key]]))
             return
         hints = _section_types(section)
         if key not in hints:
@@ -331,10 +346,12 @@ def load_config(recipe: str | None = None, overrides: list[str] = ()) -> Config:
             raise UserError(f"{path}: invalid TOML: {e}") from None
         except OSError as e:
             raise UserError(f"cannot read recipe {path}: {e.strerror}") from None
-        name = data.pop("name", path.stem)  # a run's saved config.toml names its run; a recipe is named by its file
+        # A recipe is named by its file; a config written by to_toml (a run's config.toml, --print-config) names
+        # itself, also when its name is empty (a run without a recipe), so that it reads back the same.
+        name = data.pop("name", path.stem)
         if not isinstance(name, str):
             raise UserError(f"{path}: top-level name must be a string, got {name!r}")
-        loader.config.name = name or path.stem
+        loader.config.name = name
         loader.origin = str(path)
         try:
             for section, values in data.items():
@@ -352,7 +369,17 @@ def load_config(recipe: str | None = None, overrides: list[str] = ()) -> Config:
         loader.apply(section, key, value, from_text=True)
     loader.build_model()
     validate(loader.config)
+    tracker_names(loader.config.log.trackers)
     return loader.config
+
+
+def tracker_names(trackers: str, check: bool = True) -> list[str]:
+    """The names in a ``log.trackers`` value (comma-separated, blanks ignored), refusing unknown ones."""
+    names = list(dict.fromkeys(n.strip().lower() for n in trackers.split(",") if n.strip()))
+    unknown = [n for n in names if n not in TRACKERS]
+    if check and unknown:
+        raise UserError(f"log.trackers: unknown tracker(s) {', '.join(unknown)}; choose from {', '.join(TRACKERS)}")
+    return names
 
 
 def _pair_overrides(items: list[str]) -> list[str]:
@@ -457,3 +484,119 @@ def to_toml(config: Config) -> str:
     data = {k: ({kk: vv for kk, vv in v.items() if vv is not None} if isinstance(v, dict) else v)
             for k, v in config.to_dict().items()}
     return tomli_w.dumps(data)
+
+
+# ---------------------------------------------------------------- help: every setting with its type, default, doc
+
+
+SECTION_SUMMARIES = {
+    "data": "the token shards to train on",
+    "optim": "optimizer, learning rates and their schedule",
+    "train": "steps, batch, device, precision and the speed switches",
+    "eval": "what the training loop evaluates, and how often: validation loss, HellaSwag, samples",
+    "checkpoint": "how often to save, how many to keep",
+    "log": "where the run directory goes, and the experiment trackers that mirror metrics.csv",
+}
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """``{field: docstring}`` of a dataclass, its base classes' fields included: the string literal written right
+    after each field. Docstrings are not runtime attributes, so they are read from the source, once."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):  # a subclass's docstring wins
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):  # no source (a frozen app, a class made at runtime)
+            continue
+        body = tree.body[0].body
+        for node, after in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {name: doc for name, doc in docs.items() if name in names}
+
+
+def _type_name(hint) -> str:
+    optional = isinstance(hint, types.UnionType) and type(None) in hint.__args__
+    base = next(a for a in hint.__args__ if a is not type(None)) if optional else hint
+    return base.__name__.upper() + (" (or none)" if optional else "")
+
+
+def _default_text(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return value if value else '""'
+    return repr(value)
+
+
+def _setting_help(key: str, metavar: str, default, doc: str, width: int) -> list[str]:
+    head = f"  --{key} {metavar}"
+    head = f"{head:<44} " if len(head) < 44 else f"{head}  "
+    head += f"default: {_default_text(default)}"
+    return [head, *textwrap.wrap(doc, width, initial_indent=" " * 6, subsequent_indent=" " * 6)]
+
+
+def _section_help(section: str, cls: type, instance, width: int, metavar: dict[str, str] | None = None) -> list[str]:
+    hints, docs, lines = typing.get_type_hints(cls), field_docs(cls), []
+    for f in dataclasses.fields(cls):
+        key = f"{section}.{f.name}"
+        choices = CHOICES.get(key)
+        shown = (metavar or {}).get(f.name) or ("{" + ",".join(choices) + "}" if choices else _type_name(hints[f.name]))
+        lines += _setting_help(key, shown, getattr(instance, f.name), docs.get(f.name, ""), width)
+    return lines
+
+
+def config_help(width: int = 100) -> str:
+    """Every ``--section.key`` a run config has, grouped by section, with its type, default and docstring. The
+    ``[model]`` table lists the default architecture's fields and, from the registry, the other architectures,
+    their presets and the fields only they have."""
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    default_arch = architecture("gpt2")
+    model = make_config(default_arch.name)
+    lines = [
+        *textwrap.wrap("config settings: any of them as --section.key=value (or --section.key value) on the command "
+                       "line, or as `key = value` under `[section]` in a --config TOML file; --print-config shows the "
+                       "resolved config.", width),
+        "",
+        *textwrap.wrap("[model]  the architecture's own config: model.arch picks it, model.preset sets its size, "
+                       "the fields override it", width, subsequent_indent="         "),
+    ]
+    arches = ", ".join(f"{a.name}{' (default)' if a is default_arch else ''}: {a.summary}"
+                       for a in ARCHITECTURES.values())
+    lines += _setting_help("model.arch", "{" + ",".join(ARCHITECTURES) + "}", default_arch.name,
+                           f"Architecture: {arches}.", width)
+    presets = "; ".join(f"{a.name}: {', '.join(a.presets)} (default {a.default_preset})"
+                        for a in ARCHITECTURES.values())
+    lines += _setting_help("model.preset", "NAME", default_arch.default_preset,
+                           f"Size preset of the architecture, applied before the fields below: {presets}.", width)
+    lines.append(f"  fields of arch {default_arch.name} (defaults: preset {default_arch.default_preset}):")
+    lines += _section_help("model", type(model), model, width)
+    for arch in ARCHITECTURES.values():
+        if arch is default_arch:
+            continue
+        shared = default_arch.config_class.field_names()
+        own = [f for f in dataclasses.fields(arch.config_class) if f.name not in shared]
+        if not own:
+            continue
+        other = make_config(arch.name)
+        hints, docs = typing.get_type_hints(arch.config_class), field_docs(arch.config_class)
+        lines += textwrap.wrap(f"fields only arch {arch.name} has (--model.arch={arch.name}; defaults: preset "
+                               f"{arch.default_preset}):", width, initial_indent="  ", subsequent_indent="    ")
+        for f in own:
+            lines += _setting_help(f"model.{f.name}", _type_name(hints[f.name]), getattr(other, f.name),
+                                   docs.get(f.name, ""), width)
+    for name in SECTIONS:
+        if name == "model":
+            continue
+        cls = sections[name].default_factory
+        lines += ["", *textwrap.wrap(f"[{name}]  {SECTION_SUMMARIES[name]}", width, subsequent_indent=" " * 4)]
+        lines += _section_help(name, cls, cls(), width)
+    return "\n".join(lines)

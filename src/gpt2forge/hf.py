@@ -205,6 +205,12 @@ def export_hf(model, out_dir: str | os.PathLike, dtype: torch.dtype = torch.floa
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if model.config.vocab_size == GPT2_VOCAB:
             _write_tokenizer(tmp, model.config.block_size, vocab_dir)
+        # mkdtemp makes the directory 0700 and safetensors writes 0600 files: readable by their owner only, not by
+        # colleagues on a shared filesystem. Give them what a plain mkdir and open would: 0777 / 0666 & ~umask.
+        umask = _umask()
+        for path in tmp.iterdir():
+            os.chmod(path, 0o666 & ~umask)
+        os.chmod(tmp, 0o777 & ~umask)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -212,6 +218,13 @@ def export_hf(model, out_dir: str | os.PathLike, dtype: torch.dtype = torch.floa
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _umask() -> int:
+    """This process's umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _write_tokenizer(directory: Path, max_length: int, vocab_dir: str | None) -> None:

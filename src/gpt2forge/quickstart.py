@@ -19,9 +19,10 @@ log = logging.getLogger("gpt2forge.train")
 VAL_TOKENS = 65536  # the final comparison's share of the 250k-token val split: ~10 s on a CPU
 
 
-def unigram_loss(data_dir: str | Path, vocab_size: int = 50257) -> float:
-    """Cross-entropy (nats/token) on the val split of predicting each token by its train-split frequency
-    (add-one smoothed so unseen tokens have a finite cost)."""
+def unigram_loss(data_dir: str | Path, vocab_size: int = 50257, targets: np.ndarray | None = None) -> float:
+    """Cross-entropy (nats/token) of predicting each token by its train-split frequency (add-one smoothed so
+    unseen tokens have a finite cost), over ``targets``: the val tokens a model was scored on, so that the two
+    losses are over the same text (default: the whole val split)."""
     from .data.loader import find_shards
     from .data.shards import open_shard
 
@@ -29,12 +30,17 @@ def unigram_loss(data_dir: str | Path, vocab_size: int = 50257) -> float:
     for path in find_shards(data_dir, "train"):
         counts += np.bincount(open_shard(path), minlength=vocab_size)[:vocab_size]
     log_probs = np.log(counts / counts.sum())
-    val = np.concatenate([np.asarray(open_shard(p)) for p in find_shards(data_dir, "val")])
-    return float(-log_probs[val].mean())
+    if targets is None:
+        targets = np.concatenate([np.asarray(open_shard(p)) for p in find_shards(data_dir, "val")])
+    return float(-log_probs[targets].mean())
 
 
-def quickstart(data_dir: str, out_dir: str, steps: int | None = None, workers: int | None = None) -> dict:
-    """Run the pipeline end to end; returns the final val loss, the baseline and the run directory."""
+def quickstart(data_dir: str, out_dir: str, steps: int | None = None, workers: int | None = None, *,
+               val_tokens: int = VAL_TOKENS, overrides: list[str] = ()) -> dict:
+    """Run the pipeline end to end; returns the final val loss, the baseline and the run directory.
+
+    ``val_tokens`` sizes the final comparison and ``overrides`` (``--section.key=value``) change the quickstart
+    recipe: together with ``steps``, a shorter run (the tests')."""
     from .config import load_config
     from .data.loader import val_batches
     from .data.prepare import EMBEDDED_SHARD_SIZE, EMBEDDED_VAL_TOKENS, prepare
@@ -50,10 +56,10 @@ def quickstart(data_dir: str, out_dir: str, steps: int | None = None, workers: i
     log.info("1/4 preparing the embedded corpus in %s", data_dir)
     prepare(EmbeddedSource(), data_dir, shard_size=EMBEDDED_SHARD_SIZE, val_tokens=EMBEDDED_VAL_TOKENS,
             prefix="embedded", workers=workers)
-    overrides = [f"--data.dir={data_dir}", f"--log.out_dir={out_dir}"]
+    settings = [f"--data.dir={data_dir}", f"--log.out_dir={out_dir}"]
     if steps is not None:
-        overrides.append(f"--train.max_steps={steps}")
-    config = load_config("quickstart", overrides)
+        settings.append(f"--train.max_steps={steps}")
+    config = load_config("quickstart", [*settings, *overrides])
     log.info("2/4 training the tiny model for %d steps on the CPU (Ctrl-C stops and saves; re-run to resume)",
              config.train.max_steps)
     result = train(config, resume="auto")
@@ -61,15 +67,17 @@ def quickstart(data_dir: str, out_dir: str, steps: int | None = None, workers: i
         raise UserError(f"stopped at step {result.step}; run the same command again to continue")
     model = load_model(result.run_dir)
     t = config.train
-    batches = val_batches(data_dir, t.micro_batch_size, t.seq_len, max_tokens=VAL_TOKENS)
-    val_loss = evaluate_loss(model, batches, device="cpu")["loss"]
-    baseline = unigram_loss(data_dir, config.model.vocab_size)
-    log.info("3/4 validation loss %.3f vs unigram baseline %.3f: %.2f nats/token better (perplexity %.0f vs %.0f)",
+    batches = list(val_batches(data_dir, t.micro_batch_size, t.seq_len, max_tokens=val_tokens))
+    targets = np.concatenate([y.numpy().ravel() for _, y in batches])
+    log.info("3/4 evaluating the final model and the unigram baseline on the same %s val tokens", f"{targets.size:,}")
+    val_loss = evaluate_loss(model, batches, device="cpu", progress=True)["loss"]
+    baseline = unigram_loss(data_dir, config.model.vocab_size, targets)
+    log.info("    validation loss %.3f vs unigram baseline %.3f: %.2f nats/token better (perplexity %.0f vs %.0f)",
              val_loss, baseline, baseline - val_loss, math.exp(val_loss), math.exp(baseline))
     png, md = write_report(result.run_dir)
     log.info("    report: %s and %s", png, md)
     log.info("4/4 samples from %s:", result.run_dir)
-    for i, text in enumerate(generate_text(model, get_tokenizer(), "The", num_samples=2, max_new_tokens=40, top_k=50, seed=1)):
+    for i, text in enumerate(generate_text(model, get_tokenizer(), "The", num_samples=2, max_new_tokens=40, seed=1)):
         log.info("--- sample %d ---\nThe%s", i + 1, text)
     log.info("\nnext: gpt2forge sample --model %s --prompt '...'; the real run: see README.md", result.run_dir)
     return {"val_loss": val_loss, "unigram_loss": baseline, "run_dir": result.run_dir}

@@ -16,6 +16,8 @@ import torch
 from .errors import UserError
 from .tokenizer import EOT_TOKEN, Tokenizer
 
+DEFAULT_TOP_K = 50  # the default of generate_text and `gpt2forge sample`, as in the trainer's samples (top-k 50)
+
 
 def sample_next(
     logits: torch.Tensor,
@@ -118,12 +120,13 @@ def generate_text(
     num_samples: int = 1,
     max_new_tokens: int = 100,
     temperature: float = 1.0,
-    top_k: int | None = None,
+    top_k: int | None = DEFAULT_TOP_K,
     top_p: float | None = None,
     seed: int = 0,
     on_text: Callable[[int, str], None] | None = None,
 ) -> list[str]:
     """Sample ``num_samples`` continuations of ``prompt`` (all rows in one batch) and return their texts.
+    ``top_k=None`` samples from the whole vocabulary.
 
     ``on_text(row, piece)`` receives decoded text as it is produced (UTF-8 sequences split across tokens are
     held back until complete), which is how the CLI streams to the terminal.

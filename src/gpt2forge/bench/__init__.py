@@ -1,7 +1,7 @@
 """``gpt2forge bench``: where the training time goes on this machine, measured side by side.
 
-Sections, all written to ``benchmarks/results/bench-<device>.{json,md}`` with the hardware, library versions,
-the exact command and the machine load:
+Sections, all written to ``<--out>/bench-<device>.{json,md}`` (default ``out/bench``) with the hardware, library
+versions, the exact command and the machine load:
 
 - **ablation**: one training step (forward, backward, grad clip, AdamW step) on a fixed random batch with
   build-nanogpt's optimizations switched on one after another — fp32 eager with manual attention, + TF32,

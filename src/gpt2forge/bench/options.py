@@ -13,6 +13,9 @@ from ..errors import UserError
 from ..models.gpt2 import PRESETS
 
 SECTIONS = ("ablation", "overhead", "data", "memory")
+# Results go under the current directory's out/, with the runs, not into whatever benchmarks/ is there: the
+# repository's recorded results (benchmarks/results) are written only when asked for with --out.
+DEFAULT_OUT = "out/bench"
 # (preset, micro-batch, seq len, timed steps per round, rounds) per device kind. GPU: build-nanogpt's ablation
 # batch (B=16, T=1024); CPU: the tiny preset at its full context, 0.5-1 s per step on 2 cores; Apple MPS: as the
 # CPU (gpt2's fp32 manual-attention rows at B=16, T=1024 need more memory than most Macs share with their GPU).
@@ -74,7 +77,7 @@ def resolve_options(args) -> BenchOptions:
     opts = BenchOptions(
         preset=args.preset or preset, device=device, batch_size=args.batch_size or batch,
         seq_len=args.seq_len or seq_len, steps=args.steps or steps, repeats=args.repeats or repeats,
-        sections=tuple(s for s in SECTIONS if s in sections), quick=args.quick, out=Path(args.out),
+        sections=tuple(s for s in SECTIONS if s in sections), quick=args.quick, out=Path(args.out or DEFAULT_OUT),
         profile=args.profile,
     )
     if opts.preset not in PRESETS:

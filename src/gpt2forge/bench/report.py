@@ -24,15 +24,27 @@ def _load_line(load: dict | None) -> str:
     return f"_Load during this section ({load['seconds']} s): 1-min load average {start:.2f} → {end:.2f}{busy}._"
 
 
+QUICK_NOTE = ("**Smoke test (`--quick`), not a result**: a tiny batch and 1-2 timed steps per round check that every "
+              "section runs; its figures are too small and too few to compare. Run `gpt2forge bench` without "
+              "`--quick` for figures to record.")
+CONTENDED = ("contended: other processes kept ≥ {cores} cores busy in every round, so no quiet round was left to "
+             "measure; indicative only, re-run on a quiet machine")
+
+
+def _contended_note() -> str:
+    return CONTENDED.format(cores=QUIET_CORES)
+
+
 def _ablation_row(r: dict) -> str:
     ref = f"{r['a100_ref_ms']:.0f} ({r['a100_ref_speedup']:.1f}×)"
     if r["reason"]:
         return f"| {r['row']} | {r['configuration']} |{' — |' * 9} {ref} | {r['reason']} |"
+    note = "contended: no quiet round" if r["quiet_rounds"] == 0 else ""
     cells = [
         str(r["row"]), r["configuration"], f"{r['ms_per_step']:,.1f}", f"{r['ms_min']:,.0f}–{r['ms_max']:,.0f}",
         f"{r['quiet_rounds']}/{len(r['ms_samples'])}", f"{r['tokens_per_s']:,.0f}", f"{r['tflops']:.3f}",
         "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%", _num(r["peak_mib"]), _num(r["compile_s"], ".1f", "—"),
-        f"{r['speedup']:.2f}×", ref, "",
+        f"{r['speedup']:.2f}×", ref, note,
     ]
     return "| " + " | ".join(cells) + " |"
 
@@ -52,6 +64,8 @@ def ablation_markdown(a: dict) -> list[str]:
         "",
         f"- speed-up: over row `{a['baseline_row']}` (the first measured row), by medians.",
     ]
+    if any(r["quiet_rounds"] == 0 for r in a["rows"] if not r["reason"]):
+        lines.append(f"- rows noted *contended*: {_contended_note()}.")
     if a["mfu_reason"]:
         lines.append(f"- MFU: n/a — {a['mfu_reason']}.")
     else:
@@ -71,10 +85,19 @@ def ablation_markdown(a: dict) -> list[str]:
     return lines
 
 
-def overhead_markdown(o: dict) -> list[str]:
+def overhead_markdown(o: dict, quick: bool = False) -> list[str]:
+    """The overhead table and figure; the figure is in bold (a finding) only when measured in full mode on quiet
+    rounds: a --quick figure is marked a smoke test, one from contended rounds indicative only."""
     c, t, b, per_round = o["config"], o["trainer_ms"], o["bare_ms"], o["overhead_pct_per_round"]
     rounds = f"{o['quiet_rounds']} quiet rounds" if o["quiet_rounds"] else f"all {o['rounds']} rounds (none was quiet)"
     verdict = "within" if o["overhead_pct"] < o["goal_pct"] else "over"
+    figure = f"Overhead: {o['overhead_pct']:+.1f}%"
+    if quick:
+        figure = f"Overhead (smoke test, `--quick`: not a result): {o['overhead_pct']:+.1f}%"
+    elif not o["quiet_rounds"]:
+        figure = f"Overhead ({_contended_note()}): {o['overhead_pct']:+.1f}%"
+    else:
+        figure = f"**{figure}**"
     compile_ = "on" if c["compile"] else "off"
     return [
         (f"## Trainer overhead: `{c['preset']}`, B={c['batch_size']}, T={c['seq_len']}, {c['precision']}, "
@@ -86,7 +109,7 @@ def overhead_markdown(o: dict) -> list[str]:
         (f"| bare forward/backward/clip/AdamW | {b['median']:,.1f} | {b['min']:,.1f}–{b['max']:,.1f} | "
          f"{b['quiet']}/{b['n']} |"),
         "",
-        (f"**Overhead: {o['overhead_pct']:+.1f}%** ({verdict} the goal of < {o['goal_pct']:.0f}%): the median over "
+        (f"{figure} ({verdict} the goal of < {o['goal_pct']:.0f}%): the median over "
          f"{rounds} of (Trainer block / the bare block beside it − 1), range {min(per_round):+.1f}% to "
          f"{max(per_round):+.1f}%; ratio of the two medians {o['overhead_pct_of_medians']:+.1f}%. Blocks of "
          f"{o['steps_per_block']} steps, order alternating."),
@@ -116,7 +139,8 @@ def data_markdown(d: dict) -> list[str]:
             "",
             (f"- {m['median']:.2f} ms per batch (median of {ld['rounds']} rounds × {ld['batches_per_round']} "
              f"batches; range {m['min']:.2f}–{m['max']:.2f}) over {ld['shards']} shards, "
-             f"{ld['tokens_in_shards']:,} tokens, in the page cache"),
+             f"{ld['tokens_in_shards']:,} tokens, in the page cache"
+             + (f" ({_contended_note()})" if m.get("quiet") == 0 else "")),
             f"- that is {ld['pct_of_gpu_step']:.1f}% of a {ld['gpu_step_ms']:.0f} ms {ld['gpu_step']}; {ld['note']}",
             "",
         ]
@@ -171,8 +195,10 @@ def to_markdown(result: dict) -> str:
         "- versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
         "",
     ]
-    renderers = {"ablation": ablation_markdown, "overhead": overhead_markdown, "data": data_markdown,
-                 "memory": memory_markdown}
+    if quick:
+        lines += [f"> {QUICK_NOTE}", ""]
+    renderers = {"ablation": ablation_markdown, "overhead": lambda o: overhead_markdown(o, quick),
+                 "data": data_markdown, "memory": memory_markdown}
     for section in SECTIONS:
         if section in result:
             lines += [*renderers[section](result[section]), "", _load_line(result["load"].get(section)), ""]

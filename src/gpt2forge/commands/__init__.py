@@ -26,6 +26,8 @@ COMMANDS: dict[str, str] = {  # name: one-line help (the module is gpt2forge.com
     "bench": "optimization ablation, trainer overhead and data throughput, side by side",
 }
 MODULES = {"export": "convert"}  # commands that share a module
+MODEL_HELP = "checkpoint dir, run dir (its newest checkpoint), Hugging Face dir, or hub name (online)"
+VOCAB_HELP = "folder with GPT-2's encoder.json + vocab.bpe (default: found automatically)"
 
 
 def positive_int(text: str) -> int:
@@ -36,6 +38,17 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer ≥ 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
 
 

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from ..bench.options import SECTIONS
+from ..bench.options import DEFAULT_OUT, SECTIONS
 from . import positive_int
 
 
@@ -25,7 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "bench-<device>-quick.*")
     parser.add_argument("--profile", action="store_true",
                         help="print torch.profiler's top 10 kernels (CUDA) / ops (CPU) of the fastest configuration")
-    parser.add_argument("--out", default="benchmarks/results", help="directory of bench-<device>.{json,md}")
+    parser.add_argument("--out", metavar="DIR", default=DEFAULT_OUT,
+                        help=f"directory of bench-<device>.{{json,md}} (default {DEFAULT_OUT}; the repository's "
+                             "recorded results: --out benchmarks/results)")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -41,4 +43,6 @@ def run(args: argparse.Namespace) -> None:
         log.setLevel(logging.INFO)
         log.propagate = False
     log.info("bench: %s", opts.command())
-    print(to_markdown(run_bench(opts)))
+    result = run_bench(opts)
+    print(to_markdown(result))
+    print(f"results written to {' and '.join(result['files'])}")

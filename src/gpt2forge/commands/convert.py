@@ -6,15 +6,39 @@ import argparse
 from pathlib import Path
 
 from ..errors import UserError
+from . import MODEL_HELP, VOCAB_HELP
+
+WEIGHTS_DTYPES = ("fp32", "bf16", "fp16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", help="checkpoint dir, run dir (its latest checkpoint), Hugging Face dir, or hub name")
-    parser.add_argument("out", help="new output directory")
+    parser.usage = f"{parser.prog} [--model] MODEL [--out] OUT [options]"
+    parser.add_argument("source", nargs="?", metavar="MODEL", help="the model to convert (or --model): " + MODEL_HELP)
+    parser.add_argument("destination", nargs="?", metavar="OUT", help="new output directory (or --out)")
+    parser.add_argument("--model", metavar="MODEL",
+                        help="the model, instead of the first positional (as in eval and sample)")
+    parser.add_argument("--out", metavar="OUT", help="the output directory, instead of the second positional")
     parser.add_argument("--to", choices=("hf", "gpt2forge"), default=None,
                         help="output format (convert's default: the other one than the source's; export's: hf)")
-    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weight dtype for --to hf")
-    parser.add_argument("--vocab-dir", help="folder with GPT-2's encoder.json + vocab.bpe (default: found automatically)")
+    parser.add_argument("--weights-dtype", choices=WEIGHTS_DTYPES, default="fp32",
+                        help="dtype the Hugging Face weights are stored in (--to hf; default fp32). Not a compute "
+                             "precision: for that, see eval --precision and train.precision")
+    parser.add_argument("--dtype", dest="weights_dtype", choices=WEIGHTS_DTYPES, default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)  # old spelling
+    parser.add_argument("--vocab-dir", help=VOCAB_HELP)
+
+
+def model_and_out(args: argparse.Namespace) -> tuple[str, str]:
+    """MODEL and OUT, each given as a positional or as --model / --out."""
+    positionals = [p for p in (args.source, args.destination) if p is not None]
+    model = args.model if args.model is not None else (positionals.pop(0) if positionals else None)
+    out = args.out if args.out is not None else (positionals.pop(0) if positionals else None)
+    if model is None or out is None:
+        raise UserError(f"gpt2forge {args.command} needs the model and a new output directory: "
+                        f"gpt2forge {args.command} MODEL OUT (or --model MODEL --out OUT)")
+    if positionals:
+        raise UserError(f"unexpected argument {positionals[0]!r}: the model and the output directory are already given")
+    return model, out
 
 
 def run(args: argparse.Namespace) -> None:
@@ -23,13 +47,14 @@ def run(args: argparse.Namespace) -> None:
     from ..hf import export_hf
     from ..weights import load_model, our_checkpoint, save_model
 
-    model = load_model(args.source)
-    target = args.to or ("hf" if args.command == "export" or our_checkpoint(args.source) else "gpt2forge")
+    source, destination = model_and_out(args)
+    model = load_model(source)
+    target = args.to or ("hf" if args.command == "export" or our_checkpoint(source) else "gpt2forge")
     if target == "hf":
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-        out = export_hf(model, args.out, dtype=dtype, vocab_dir=args.vocab_dir)
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.weights_dtype]
+        out = export_hf(model, destination, dtype=dtype, vocab_dir=args.vocab_dir)
     else:
-        out = Path(args.out)
+        out = Path(destination)
         if out.exists() and any(out.iterdir()):
             raise UserError(f"output directory {out} exists and is not empty; choose a new one")
         out.mkdir(parents=True, exist_ok=True)

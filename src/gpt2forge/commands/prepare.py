@@ -32,7 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="local .parquet / .jsonl / .json / .txt files, globs or directories (one format)")
     source.add_argument("--embedded", action="store_true",
                         help="the corpus shipped with Python (pydoc topics + stdlib source, ~6M tokens), offline")
-    parser.add_argument("--config", help=f"hub dataset config (default {DEFAULT_CONFIG} for {DEFAULT_DATASET})")
+    parser.add_argument("--dataset-config", metavar="NAME",
+                        help=f"hub dataset config (subset) (default {DEFAULT_CONFIG} for {DEFAULT_DATASET})")
+    # Renamed: --config names a training recipe in `train`; here it was the hub config. Refused, not guessed.
+    parser.add_argument("--config", dest="old_config", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--split", default="train", help="hub dataset split (default train)")
     parser.add_argument("--revision", help="hub dataset revision (branch, tag or commit) to pin")
     parser.add_argument("--text-column", default="text", help="column holding the documents (default text)")
@@ -42,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep rows with --score-column ≥ this (FineWeb-Edu kept int_score ≥ 3)")
     parser.add_argument("--score-column", default="int_score",
                         help="column --min-score reads (default int_score = round(score), FineWeb-Edu's)")
-    parser.add_argument("--max-tokens", type=token_count, help="stop after this many tokens (the last shard is partial)")
+    parser.add_argument("--max-tokens", type=token_count,
+                        help="stop after this many tokens (the last shard is partial)")
     parser.add_argument("--shard-size", type=token_count,
                         help=f"tokens per shard (default {DEFAULT_SHARD_SIZE:,}; "
                         f"{EMBEDDED_SHARD_SIZE:,} with --embedded)")
@@ -51,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"{EMBEDDED_VAL_TOKENS:,} with --embedded)")
     parser.add_argument("--prefix",
                         help="shard file name prefix (default from the source: fineweb-edu, embedded, local)")
-    parser.add_argument("--out", help="output directory, e.g. data/fineweb-edu-10B")
+    parser.add_argument("--out", metavar="DIR", help="output directory, e.g. data/fineweb-edu-10B")
     parser.add_argument("--workers", type=positive_int, default=default_workers(),
                         help="tokenizer processes (default: the cores available)")
     parser.add_argument("--overwrite", action="store_true", help="delete the shards and manifest already in --out")
@@ -63,14 +67,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def source_from_args(args: argparse.Namespace) -> tuple[Source, str]:
     """The source the options name, and its default shard prefix."""
-    if (args.files or args.embedded) and (args.config or args.revision):
-        raise UserError("--config and --revision apply to --dataset only")
+    if args.old_config is not None:
+        raise UserError(f"prepare's --config is now --dataset-config (the hub dataset's config, e.g. --dataset-config "
+                        f"{args.old_config}); --config names a training recipe in `gpt2forge train`")
+    if (args.files or args.embedded) and (args.dataset_config or args.revision):
+        raise UserError("--dataset-config and --revision apply to --dataset only")
     if args.files:
         return FileSource(args.files, args.txt_unit), "local"
     if args.embedded:
         return EmbeddedSource(), "embedded"
     name = args.dataset or DEFAULT_DATASET
-    config = args.config or (DEFAULT_CONFIG if name == DEFAULT_DATASET else None)
+    config = args.dataset_config or (DEFAULT_CONFIG if name == DEFAULT_DATASET else None)
     return HubSource(name, config, args.split, args.revision), name.rstrip("/").split("/")[-1].lower()
 
 

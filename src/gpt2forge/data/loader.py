@@ -228,8 +228,8 @@ def val_batches(
     if n_sequences == 0:
         raise UserError(f"a val token budget of {max_tokens} is less than one sequence of {seq_len} tokens; raise it")
     n_global = -(-n_sequences // batch_size)
-    return _val_batches(sequences, batch_size, n_sequences, range(rank, -(-n_global // world_size) * world_size,
-                                                                  world_size))
+    return ValBatches(sequences, batch_size, n_sequences, range(rank, -(-n_global // world_size) * world_size,
+                                                                world_size))
 
 
 def val_sequences(max_tokens: int | None, seq_len: int, available: int) -> int:
@@ -237,16 +237,25 @@ def val_sequences(max_tokens: int | None, seq_len: int, available: int) -> int:
     return min(available, max_tokens // seq_len) if max_tokens else available
 
 
-def _val_batches(sequences: ShardSequences, batch_size: int, n_sequences: int,
-                 batches: range) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    flat = [(s, k) for s, count in enumerate(sequences.counts) for k in range(int(count))][:n_sequences]
-    seq_len = sequences.seq_len
-    for j in batches:
-        rows = flat[j * batch_size : (j + 1) * batch_size]
-        windows = np.zeros((batch_size, seq_len + 1), dtype=np.int64)
-        if rows:
-            windows[: len(rows)] = np.stack([sequences.window(*row) for row in rows])
-        windows = torch.from_numpy(windows)
-        x, y = windows[:, :-1], windows[:, 1:].clone()
-        y[len(rows):] = IGNORE_INDEX  # padding rows: scored by nobody
-        yield x, y
+class ValBatches:
+    """One rank's validation batches (see ``val_batches``), with a length for progress bars."""
+
+    def __init__(self, sequences: ShardSequences, batch_size: int, n_sequences: int, batches: range) -> None:
+        self.sequences, self.batch_size, self.n_sequences, self.batches = sequences, batch_size, n_sequences, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        counts = self.sequences.counts
+        flat = [(s, k) for s, count in enumerate(counts) for k in range(int(count))][: self.n_sequences]
+        B, T = self.batch_size, self.sequences.seq_len
+        for j in self.batches:
+            rows = flat[j * B : (j + 1) * B]
+            windows = np.zeros((B, T + 1), dtype=np.int64)
+            if rows:
+                windows[: len(rows)] = np.stack([self.sequences.window(*row) for row in rows])
+            windows = torch.from_numpy(windows)
+            x, y = windows[:, :-1], windows[:, 1:].clone()
+            y[len(rows):] = IGNORE_INDEX  # padding rows: scored by nobody
+            yield x, y

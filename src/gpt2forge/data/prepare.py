@@ -100,7 +100,7 @@ OPTION_NAMES = {
     "tokenizer": "the tokenizer",
     "eot": "the EOT placement",
     "dataset": "--dataset",
-    "config": "--config",
+    "config": "--dataset-config",
     "split": "--split",
     "revision": "--revision",
     "format": "--files (format)",

@@ -85,7 +85,7 @@ class HubSource(Source):
                 )
             except Exception as e:  # hub, network and config errors come in many types; all need this message
                 raise UserError(
-                    f"cannot open dataset {self.label}, split {self.split!r} (--dataset/--config/--split): "
+                    f"cannot open dataset {self.label}, split {self.split!r} (--dataset/--dataset-config/--split): "
                     f"{type(e).__name__}: {e}"
                 ) from None
         return self._dataset

@@ -250,7 +250,7 @@ def score_examples(
     ``seq_len`` defaults to ``padded_length`` of the examples; ``n_batches`` (≥ what the examples need) adds
     padding-only batches so every rank of a distributed eval runs the same number of forward passes.
     """
-    from tqdm.auto import tqdm
+    from .loss import progress_bar
 
     device = torch.device(device)
     per_batch = max(1, batch_size // N_ENDINGS)
@@ -258,7 +258,7 @@ def score_examples(
     n_batches = max(n_batches or 0, math.ceil(len(examples) / per_batch))
     sums, counts = [], []
     batches = _batches(examples, per_batch, seq_len, n_batches, pad=EOT_TOKEN)
-    for idx, tgt, n in tqdm(batches, total=n_batches, desc="hellaswag", unit="batch", disable=not progress):
+    for idx, tgt, n in progress_bar(batches, total=n_batches, desc="hellaswag", unit="batch", enabled=progress):
         idx, tgt = idx.to(device, non_blocking=True), tgt.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model(idx)[0]

@@ -428,8 +428,8 @@ class Trainer:
         self._log_handler = handler
         truncate_metrics(self.run_dir / runs.METRICS, before_step=self.step + 1 if self.resume_from else 0)
         self.metrics = MetricsLogger(
-            self.run_dir, tensorboard=c.log.tensorboard, wandb=c.log.wandb, wandb_project=c.log.wandb_project,
-            run_name=self.run_dir.name, config=c.to_dict(),
+            self.run_dir, trackers=c.log.trackers, project=c.log.project, run_name=self.run_dir.name,
+            config=c.to_dict(),
         )
         atomic_write_text(self.run_dir / runs.RUN_CONFIG, self.saved_config())
         for note in self.notes:
