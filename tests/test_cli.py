@@ -168,6 +168,6 @@ def test_eval_shows_progress_on_stderr_and_results_on_stdout(tmp_path, tiny_mode
     data, ckpt = make_val_dir(tmp_path / "data"), checkpoint(tmp_path, tiny_model)
     assert main(["eval", "--model", str(ckpt), "--data", str(data), "--batch-size", "2"]) == 0
     captured = capsys.readouterr()
-    assert "val loss: 100%" in captured.err and "8/8" in captured.err and "val loss   " in captured.out
+    assert "val loss: 100%" in captured.err and "9/9" in captured.err and "val loss   " in captured.out
     assert main(["eval", "--model", str(ckpt), "--data", str(data), "--batch-size", "2", "--no-progress"]) == 0
     assert "val loss:" not in capsys.readouterr().err

@@ -133,7 +133,7 @@ def test_config_help_lists_another_architectures_own_fields_from_the_registry(mo
     monkeypatch.setitem(ARCHITECTURES, "wide", Architecture("wide", _WideConfig, gpt2.model_class,
                                                             {"small": {}}, "small", "a test architecture"))
     flat = " ".join(config_help(width=100).split())
-    assert "--model.arch {gpt2,wide} default: gpt2" in flat and "wide: a test architecture" in flat
+    assert "--model.arch {gpt2,modern,wide} default: gpt2" in flat and "wide: a test architecture" in flat
     assert "wide: small (default small)" in flat
     assert ("fields only arch wide has (--model.arch=wide; defaults: preset small): --model.rope_base FLOAT "
             "default: 10000.0 Base of the rotary embedding's frequencies.") in flat

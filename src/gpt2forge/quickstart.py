@@ -9,40 +9,22 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
-
-import numpy as np
 
 from .errors import UserError
 
 log = logging.getLogger("gpt2forge.train")
-VAL_TOKENS = 65536  # the final comparison's share of the 250k-token val split: ~10 s on a CPU
-
-
-def unigram_loss(data_dir: str | Path, vocab_size: int = 50257, targets: np.ndarray | None = None) -> float:
-    """Cross-entropy (nats/token) of predicting each token by its train-split frequency (add-one smoothed so
-    unseen tokens have a finite cost), over ``targets``: the val tokens a model was scored on, so that the two
-    losses are over the same text (default: the whole val split)."""
-    from .data.loader import find_shards
-    from .data.shards import open_shard
-
-    counts = np.ones(vocab_size, dtype=np.float64)
-    for path in find_shards(data_dir, "train"):
-        counts += np.bincount(open_shard(path), minlength=vocab_size)[:vocab_size]
-    log_probs = np.log(counts / counts.sum())
-    if targets is None:
-        targets = np.concatenate([np.asarray(open_shard(p)) for p in find_shards(data_dir, "val")])
-    return float(-log_probs[targets].mean())
 
 
 def quickstart(data_dir: str, out_dir: str, steps: int | None = None, workers: int | None = None, *,
-               val_tokens: int = VAL_TOKENS, overrides: list[str] = ()) -> dict:
+               overrides: list[str] = ()) -> dict:
     """Run the pipeline end to end; returns the final val loss, the baseline and the run directory.
 
-    ``val_tokens`` sizes the final comparison and ``overrides`` (``--section.key=value``) change the quickstart
-    recipe: together with ``steps``, a shorter run (the tests')."""
+    ``overrides`` (``--section.key=value``) change the quickstart recipe. The final comparison scores the model
+    and the unigram baseline on the run's own validation tokens (``eval.val_tokens``): the numbers the training
+    log printed, the report plots and ``gpt2forge eval --val-tokens`` gives are of the same tokens."""
     from .config import load_config
     from .data.loader import val_batches
+    from .eval.baseline import unigram_loss
     from .data.prepare import EMBEDDED_SHARD_SIZE, EMBEDDED_VAL_TOKENS, prepare
     from .data.sources import EmbeddedSource
     from .eval.loss import evaluate_loss
@@ -66,12 +48,13 @@ def quickstart(data_dir: str, out_dir: str, steps: int | None = None, workers: i
     if result.stopped_by_signal:
         raise UserError(f"stopped at step {result.step}; run the same command again to continue")
     model = load_model(result.run_dir)
-    t = config.train
-    batches = list(val_batches(data_dir, t.micro_batch_size, t.seq_len, max_tokens=val_tokens))
-    targets = np.concatenate([y.numpy().ravel() for _, y in batches])
-    log.info("3/4 evaluating the final model and the unigram baseline on the same %s val tokens", f"{targets.size:,}")
-    val_loss = evaluate_loss(model, batches, device="cpu", progress=True)["loss"]
-    baseline = unigram_loss(data_dir, config.model.vocab_size, targets)
+    t, val_tokens = config.train, config.eval.val_tokens
+    baseline = unigram_loss(data_dir, t.seq_len, val_tokens, config.model.vocab_size)["loss"]
+    batches = val_batches(data_dir, t.micro_batch_size, t.seq_len, max_tokens=val_tokens or None)
+    scored = evaluate_loss(model, batches, device="cpu", progress=True)
+    val_loss = scored["loss"]
+    log.info("3/4 the final model and the unigram baseline on the same %s val tokens (eval.val_tokens):",
+             f"{scored['tokens']:,}")
     log.info("    validation loss %.3f vs unigram baseline %.3f: %.2f nats/token better (perplexity %.0f vs %.0f)",
              val_loss, baseline, baseline - val_loss, math.exp(val_loss), math.exp(baseline))
     png, md = write_report(result.run_dir)

@@ -37,7 +37,8 @@ class InLoopEvaluation:
         return bool(every) and (step % every == 0 or step == self.config.train.max_steps)
 
     def results(self, step: int) -> dict:
-        """Validation loss and HellaSwag, where due (all ranks call this)."""
+        """Validation loss and HellaSwag, where due (all ranks call this), with a progress bar on the main rank.
+        ``val_tokens`` says how many tokens the loss was measured on (logged, not a metrics column)."""
         from ..eval.loss import evaluate_loss
 
         c, p, results = self.config, self.parallel, {}
@@ -46,15 +47,15 @@ class InLoopEvaluation:
                                   world_size=p.world_size, max_tokens=c.eval.val_tokens or None,
                                   vocab_size=c.model.vocab_size)
             out = evaluate_loss(self.train_model, batches, device=p.device, autocast_dtype=self.autocast_dtype,
-                                world_size=p.world_size)
-            results["val_loss"] = out["loss"]
+                                world_size=p.world_size, progress=p.is_main, desc=f"step {step}: val loss")
+            results["val_loss"], results["val_tokens"] = out["loss"], out["tokens"]
         if self.hellaswag is not None and self.due(c.eval.hellaswag_every, step):
             from ..eval.hellaswag import evaluate_hellaswag
 
             out = evaluate_hellaswag(
                 self.train_model, self.hellaswag, device=p.device, batch_size=c.train.micro_batch_size,
                 autocast_dtype=self.autocast_dtype, block_size=self.model.config.block_size, rank=p.rank,
-                world_size=p.world_size, progress=False,
+                world_size=p.world_size, progress=p.is_main,
             )
             results["hellaswag_acc"], results["hellaswag_acc_norm"] = out["acc"], out["acc_norm"]
         return results

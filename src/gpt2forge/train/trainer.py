@@ -656,10 +656,13 @@ class Trainer:
         evals = self.evaluation.results(self.step)
         if not evals:
             return None
+        val_tokens = evals.pop("val_tokens", None)
         self.last_evals = {"step": self.step, "tokens": self.step * self.config.train.total_batch_tokens, **evals}
         self.log_row(self.last_evals)
         if self.parallel.is_main:
-            log.info("step %d | %s", self.step, " | ".join(f"{k} {v:.4f}" for k, v in evals.items()))
+            shown = " | ".join(f"{k} {v:.4f}" + (f" (on {val_tokens:,} val tokens)" if k == "val_loss" else "")
+                               for k, v in evals.items())
+            log.info("step %d | %s", self.step, shown)
         return evals.get("val_loss")
 
     def stop_requested(self, stop: StopFlag) -> bool:
