@@ -19,14 +19,13 @@ Results: ``OUT/bench-cuda-<gpu>.{json,md}`` (``bench-cpu-dry-run`` for a dry run
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import statistics
 import sys
 import tempfile
 import time
 import traceback
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -74,9 +73,9 @@ def recipe_throughput(recipe: str, data: Path, work: Path, device: torch.device,
         batches = [tuple(t.to(device) for t in trainer.loader.batch(s)) for s in range(start_step, trainer.step)]
         synchronize(device)
         started = time.perf_counter()
+        precision = partial(autocast, device, trainer.autocast_dtype)
         for x, y in batches:
-            bare_step(trainer.wrapped, trainer.train_model, trainer.optimizers, x, y,
-                      lambda: autocast(device, trainer.autocast_dtype))
+            bare_step(trainer.wrapped, trainer.train_model, trainer.optimizers, x, y, precision)
         synchronize(device)
         bare_s = time.perf_counter() - started
         tokens = steps * config.train.total_batch_tokens
@@ -91,7 +90,6 @@ def recipe_throughput(recipe: str, data: Path, work: Path, device: torch.device,
         }
     finally:
         trainer.close()
-        del trainer
         free_memory(device)
 
 
@@ -175,7 +173,7 @@ def main() -> int:
             log.info("== %s (%.0f s left)", name, left)
             try:
                 result["sections"][name] = section()
-            except Exception as error:  # noqa: BLE001 -- a failing section is recorded, the others still run
+            except Exception as error:
                 result["sections"][name] = {"skipped": f"failed: {type(error).__name__}: {error}"}
                 traceback.print_exc()
             free_memory(device)

@@ -218,7 +218,7 @@ def plot(result: dict, path: Path) -> None:
     sds = [row["val_loss"][1] for row in s["modern"]]
     ax.errorbar(tokens, means, yerr=sds, marker="o", color="#d62728", capsize=3,
                 label="quickstart-modern, separate runs (mean ± sd)")
-    for lr, v in s["baseline_lrs"].items():
+    for v in s["baseline_lrs"].values():
         ax.plot([result["steps"] * result["tokens_per_step"]], [v["val_loss"]], "s", color="#1f77b4", alpha=0.5)
     ax.plot([], [], "s", color="#1f77b4", alpha=0.5, label="quickstart at N, each LR of the sweep")
     ax.set_xlabel("training tokens")

@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from gpt2forge.data.shards import write_shard
 from gpt2forge.models.gpt2 import GPT, GPTConfig
 
 HELLASWAG_SAMPLE = Path(__file__).parent / "data" / "hellaswag_val_head64.jsonl"
+VOCAB = 512  # the synthetic shards' vocabulary
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_multiple=1)
 
 
@@ -61,3 +64,22 @@ def hf_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("hf") / "tiny-gpt2"
     model.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """Training shards most tests share (tests that need others define their own ``data_dir``)."""
+    return write_synthetic_shards(tmp_path_factory.mktemp("data"))
+
+
+def write_synthetic_shards(directory):
+    """Synthetic shards with learnable structure (a noisy repeating pattern) over a 512-token vocabulary."""
+    rng = np.random.default_rng(0)
+    pattern = rng.integers(0, VOCAB, 97)
+    for i, n in enumerate([4000, 20000, 20000]):
+        tokens = np.resize(pattern, n)
+        noise = rng.random(n) < 0.2
+        tokens[noise] = rng.integers(0, VOCAB, noise.sum())
+        split = "val" if i == 0 else "train"
+        write_shard(directory / f"synthetic_{split}_{i:06d}.bin", tokens.astype(np.uint16))
+    return directory

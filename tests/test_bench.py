@@ -51,7 +51,7 @@ def test_other_sections_and_the_record_of_how(quick):
     assert len(overhead["trainer_ms"]["samples"]) == overhead["rounds"]
     assert result["data"]["loader"]["ms_per_batch"]["median"] > 0
     assert result["data"]["prepare"]["reason"]
-    assert result["memory"]["reason"].startswith("GPU only")
+    assert "GPU only" in result["memory"]["reason"]
     assert result["command"].startswith("gpt2forge bench ") and "--quick" in result["command"]
     assert result["hardware"]["cpu"] and result["versions"]["torch"]
     assert set(result["load"]) == set(bench.SECTIONS)

@@ -4,10 +4,10 @@ Newton–Schulz, KV-cached generation, validation and HellaSwag with compile, th
 
 import pytest
 import torch
+from test_train import config
 
 from gpt2forge.models import Runtime, build_model, make_config
 from gpt2forge.sample import generate
-from test_train import config, data_dir  # noqa: F401 (data_dir: a fixture)
 
 pytestmark = pytest.mark.cuda
 ARCHS = ["gpt2", "modern"]
@@ -22,7 +22,7 @@ def small(arch, **runtime):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("compile_", [False, True])
-def test_bf16_training_steps_learn_on_cuda(data_dir, tmp_path, arch, compile_):  # noqa: F811
+def test_bf16_training_steps_learn_on_cuda(data_dir, tmp_path, arch, compile_):
     from gpt2forge.train.trainer import train
 
     extra = {"model.arch": arch, "train.compile": compile_, **CUDA}
@@ -83,6 +83,7 @@ def test_kv_cached_generation_equals_uncached_on_cuda(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_validation_and_hellaswag_with_compile(arch):
     from conftest import HELLASWAG_SAMPLE
+
     from gpt2forge.eval.hellaswag import evaluate_hellaswag, load_hellaswag
     from gpt2forge.eval.loss import evaluate_loss
 

@@ -3,17 +3,16 @@ any number of ranks, and a run resumes on another number of processes with the l
 
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from test_train import config, metric_losses, tiny_overrides, torchrun
 
 from gpt2forge.data.loader import val_batches
 from gpt2forge.device import autocast_dtype, gpu_model
 from gpt2forge.eval.baseline import val_targets
 from gpt2forge.models import IGNORE_INDEX
-from test_train import config, data_dir, metric_losses, tiny_overrides, torchrun  # noqa: F401 (data_dir: a fixture)
 from gpt2forge.train.trainer import train
 
 
@@ -22,7 +21,7 @@ def scored(batches) -> list[int]:
 
 
 @pytest.mark.parametrize("max_tokens", [None, 1000])
-def test_val_set_depends_on_the_token_budget_only(data_dir, max_tokens):  # noqa: F811
+def test_val_set_depends_on_the_token_budget_only(data_dir, max_tokens):
     """Same targets, in the same order, for any batch size and world size; the same number of fixed-shape batches
     on every rank; and exactly the tokens the unigram baseline scores."""
     reference = scored(val_batches(data_dir, 4, 32, max_tokens=max_tokens))
@@ -38,7 +37,7 @@ def test_val_set_depends_on_the_token_budget_only(data_dir, max_tokens):  # noqa
             assert scored(interleaved) == reference
 
 
-def test_same_weights_same_val_loss_on_1_2_and_3_ranks(data_dir, tmp_path):  # noqa: F811
+def test_same_weights_same_val_loss_on_1_2_and_3_ranks(data_dir, tmp_path):
     train(config(data_dir, tmp_path, **{"train.max_steps": 2, "eval.val_every": 0}))
     losses = []
     for n in (1, 2, 3):
@@ -53,7 +52,7 @@ def test_same_weights_same_val_loss_on_1_2_and_3_ranks(data_dir, tmp_path):  # n
     assert losses[1] == pytest.approx(losses[0], rel=1e-12) and losses[2] == pytest.approx(losses[0], rel=1e-12)
 
 
-def test_two_processes_with_the_default_device_form_one_group(data_dir, tmp_path):  # noqa: F811
+def test_two_processes_with_the_default_device_form_one_group(data_dir, tmp_path):
     """train.device=auto on a host without CUDA: one 2-rank run, not two runs that each think they are rank 0."""
     args = [a for a in tiny_overrides(data_dir, tmp_path, **{"train.max_steps": 2, "eval.val_every": 0})
             if not a.startswith("--train.device")]
@@ -62,7 +61,7 @@ def test_two_processes_with_the_default_device_form_one_group(data_dir, tmp_path
 
 
 @pytest.mark.parametrize("first, second", [(2, 1), (1, 2)])
-def test_elastic_resume_on_another_world_size(data_dir, tmp_path, first, second):  # noqa: F811
+def test_elastic_resume_on_another_world_size(data_dir, tmp_path, first, second):
     """4 steps on ``first`` processes, then resumed to 8 on ``second``: the losses of an uninterrupted run (the same
     global batches and optimizer state; only the reduction order of a step's gradients differs)."""
     common = {"eval.val_every": 0, "checkpoint.every": 4}
@@ -84,7 +83,7 @@ def test_elastic_resume_on_another_world_size(data_dir, tmp_path, first, second)
         assert losses[step] == pytest.approx(loss, rel=1e-5, abs=1e-6)
 
 
-def test_accelerate_launch_cpu_single_process_is_refused(data_dir, tmp_path):  # noqa: F811
+def test_accelerate_launch_cpu_single_process_is_refused(data_dir, tmp_path):
     cmd = ["accelerate", "launch", "--cpu", "--num_processes", "2", "-m", "gpt2forge.cli", "train",
            *tiny_overrides(data_dir, tmp_path)]
     result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},

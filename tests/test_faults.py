@@ -17,7 +17,7 @@ import time
 
 import pytest
 import torch
-from test_train import config, metric_losses, tiny_overrides, write_synthetic_shards
+from test_train import config, metric_losses, tiny_overrides
 
 from gpt2forge import runs
 from gpt2forge.commands import main
@@ -28,11 +28,6 @@ from gpt2forge.train import checkpoint as ckpt
 from gpt2forge.train.trainer import Trainer, TrainingStopped, check_device_request, train
 
 QUICK = {"eval.val_every": 0, "checkpoint.every": 2, "train.max_steps": 4}  # 4 steps, checkpoints at 2 and 4
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return write_synthetic_shards(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -6,37 +6,16 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
+from conftest import VOCAB
 
 from gpt2forge.config import load_config
-from gpt2forge.data.shards import write_shard
 from gpt2forge.errors import UserError
 from gpt2forge.models import build_model
 from gpt2forge.models.gpt2 import GPT
 from gpt2forge.train import checkpoint as ckpt
 from gpt2forge.train.trainer import TrainingStopped, train
-
-VOCAB = 512
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return write_synthetic_shards(tmp_path_factory.mktemp("data"))
-
-
-def write_synthetic_shards(directory):
-    """Synthetic shards with learnable structure (a noisy repeating pattern) over a 512-token vocabulary."""
-    rng = np.random.default_rng(0)
-    pattern = rng.integers(0, VOCAB, 97)
-    for i, n in enumerate([4000, 20000, 20000]):
-        tokens = np.resize(pattern, n)
-        noise = rng.random(n) < 0.2
-        tokens[noise] = rng.integers(0, VOCAB, noise.sum())
-        split = "val" if i == 0 else "train"
-        write_shard(directory / f"synthetic_{split}_{i:06d}.bin", tokens.astype(np.uint16))
-    return directory
 
 
 def tiny_overrides(data_dir, out_dir, **extra):

@@ -24,9 +24,9 @@ def quickstart(data_dir: str, out_dir: str, steps: int | None = None, workers: i
     log printed, the report plots and ``gpt2forge eval --val-tokens`` gives are of the same tokens."""
     from .config import load_config
     from .data.loader import val_batches
-    from .eval.baseline import unigram_loss
     from .data.prepare import EMBEDDED_SHARD_SIZE, EMBEDDED_VAL_TOKENS, prepare
     from .data.sources import EmbeddedSource
+    from .eval.baseline import unigram_loss
     from .eval.loss import evaluate_loss
     from .eval.report import write_report
     from .sample import generate_text

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from ..config import OptimSection
-from ..device import gpu_model
 from ..device import autocast as device_autocast
+from ..device import gpu_model
 from ..optim import build_optimizers, make_adamw
 
 VOCAB = 50257

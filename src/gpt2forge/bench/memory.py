@@ -4,6 +4,7 @@ memory and the largest micro-batch that fits, per GPT-2 size."""
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import torch
 
@@ -68,15 +69,12 @@ def loss_memory(opts: BenchOptions, device: torch.device) -> dict:
         log.info("memory: %s step with the %s loss", preset, kind)
         torch.manual_seed(0)
         model = build_model(make_config("gpt2", preset, vocab_multiple=128), Runtime(loss=kind)).to(device)
-        optimizer = adamw(model, True, device)
-
-        def step():
-            bare_step(model, model, optimizer, x, x, lambda: autocast(device, device.type == "cuda"))
-
+        step = partial(bare_step, model, model, adamw(model, True, device), x, x,
+                       partial(autocast, device, device.type == "cuda"))
         step()  # optimizer state allocated, allocator warm
         peak = probe.measure(step)
         rows.append({"loss": kind, "step_peak_mib": None if peak is None else peak / 2**20})
-        del model, optimizer
+        model = step = None  # freed before the next implementation is measured
         free_memory(device)
     base, chunked = (row["step_peak_mib"] for row in rows)
     return {"preset": preset, "batch_size": batch, "seq_len": x.size(1), "rows": rows,

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import IGNORE_INDEX
+
 CHUNK_BYTES = 1 << 28  # one fp32 chunk: 256 MB (1,334 rows of 50,304 columns), whatever the batch
 
 

@@ -67,7 +67,7 @@ class ModernConfig(ModelConfig):
         super().validate()
         for f in ("qk_norm", "embed_norm", "tie_embeddings", "zero_init", "bias"):
             if not isinstance(getattr(self, f), bool):
-                raise ValueError(f"model.{f} must be true or false, got {getattr(self, f)!r}")  # noqa: TRY004 (the contract)
+                raise ValueError(f"model.{f} must be true or false, got {getattr(self, f)!r}")
         if self.mlp not in MLP_KINDS:
             raise ValueError(f"model.mlp must be one of {', '.join(MLP_KINDS)}, got {self.mlp!r}")
         if not (isinstance(self.rope_base, (int, float)) and math.isfinite(self.rope_base) and self.rope_base > 0):
