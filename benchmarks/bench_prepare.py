@@ -280,9 +280,9 @@ def to_markdown(result: dict) -> str:
     w = result["workers"]
     hw, text = result["hardware"], result["text"]
     rows = [
-        ("baseline: Pool.imap per document, chunksize=16, %d workers" % w, "baseline"),
+        (f"baseline: Pool.imap per document, chunksize=16, {w} workers", "baseline"),
         ("ours: `prepare` end to end, 1 worker", "ours_1"),
-        ("ours: `prepare` end to end, %d workers" % w, f"ours_{w}"),
+        (f"ours: `prepare` end to end, {w} workers", f"ours_{w}"),
         ("limit: bare `encode_ordinary_batch`, 1 process per core, summed", "limit"),
         ("limit_numpy: bare `encode_to_numpy` (what our workers call), 1 process per core, summed", "limit_numpy"),
     ]
@@ -290,8 +290,8 @@ def to_markdown(result: dict) -> str:
         "# prepare: tokenization throughput",
         "",
         f"- hardware: {hw['cpu']}, {hw['cores_available']} cores available "
-        f"(load average before/after: {', '.join('%.2f' % x for x in hw['load_average_before'])} / "
-        f"{', '.join('%.2f' % x for x in hw['load_average_after'])})",
+        f"(load average before/after: {', '.join(f'{x:.2f}' for x in hw['load_average_before'])} / "
+        f"{', '.join(f'{x:.2f}' for x in hw['load_average_after'])})",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
         f"- text: {text['source']}: {text['documents']:,} documents, {text['tokens']:,} tokens "
         f"({text['mean_tokens_per_document']} per document)",

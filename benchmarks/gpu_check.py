@@ -86,7 +86,8 @@ def recipe_throughput(recipe: str, data: Path, work: Path, device: torch.device,
             "warmup_s": round(warmup_s, 1), "tokens_per_s": tps, "ms_per_step": 1000 * trainer_s / steps,
             "mfu": mfu, "peak_gib": peak, "bare_tokens_per_s": bare_tps, "overhead_pct": 100 * (bare_tps / tps - 1),
             "precision": {None: "fp32", torch.bfloat16: "bf16 autocast"}[trainer.autocast_dtype],
-            "compile": config.train.compile, "loss": config.train.loss, "optimizers": list(trainer.optimizers.optimizers),
+            "compile": config.train.compile, "loss": config.train.loss,
+            "optimizers": list(trainer.optimizers.optimizers),
         }
     finally:
         trainer.close()
@@ -168,7 +169,8 @@ def main() -> int:
         for name, share, section in sections:
             left = deadline - time.monotonic()
             if left < share * args.budget * 0.5:
-                result["sections"][name] = {"skipped": f"out of time ({left:.0f} s left of the {args.budget:.0f} s budget)"}
+                result["sections"][name] = {
+                    "skipped": f"out of time ({left:.0f} s left of the {args.budget:.0f} s budget)"}
                 continue
             log.info("== %s (%.0f s left)", name, left)
             try:

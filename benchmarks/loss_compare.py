@@ -77,7 +77,8 @@ def losses_of(tree: Path, data: Path, work: Path, steps: int, compile_: bool) ->
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", required=True, help="git revision to compare against (e.g. a commit before a refactor)")
+    parser.add_argument("--base", required=True,
+                        help="git revision to compare against (e.g. a commit before a refactor)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--compile", action="store_true", help="train with torch.compile (both revisions)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "loss-compare.json"))

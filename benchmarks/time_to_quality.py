@@ -194,10 +194,12 @@ def to_markdown(result: dict) -> str:
                      f"{pm(row['heldout_loss'])} |")
     frac = s["smallest_fraction_reaching_target"]
     lines += ["", "## Result", "",
-              f"- **Tokens to reach L\\***: {'no tested fraction reached it' if frac is None else f'{frac:g} of the baseline (1/{1 / frac:.2f})'}"
-              f" (target: ≤ 1/2, aim 1/3).",
+              "- **Tokens to reach L\\***: " + ("no tested fraction reached it" if frac is None
+                                                 else f"{frac:g} of the baseline (1/{1 / frac:.2f})") +
+              " (target: ≤ 1/2, aim 1/3).",
               f"- Loss gap at equal steps (N): {s['gap_at_equal_steps']:+.4f} nats in the modern recipe's favour.",
-              f"- Held-out text at equal steps: baseline {pm(s['heldout_baseline'])}, modern {pm(s['heldout_modern'])}.",
+              f"- Held-out text at equal steps: baseline {pm(s['heldout_baseline'])}, "
+              f"modern {pm(s['heldout_modern'])}.",
               f"- Wall-clock per step on this CPU ({c['how']}): baseline {c['ms_per_step'][BASELINE]:.0f} ms, "
               f"modern {c['ms_per_step'][MODERN]:.0f} ms = **{c['ratio']:.2f}×** (target ≤ 1.3×). Tokens, not CPU "
               "time, are the headline: Muon's fp32 Newton–Schulz and the untied head cost differently on a GPU.",

@@ -130,7 +130,8 @@ def test_eval_cli_val_loss_and_token_budget(tmp_path, tiny_model, capsys):
     assert saved["step"] == 7 and saved["tokens_seen"] == 7168  # from train_state.json
 
     out = tmp_path / "budget.json"
-    args = ["eval", "--model", str(ckpt), "--data", str(data), "--batch-size", "2", "--val-tokens", "300", "--out", str(out)]
+    args = ["eval", "--model", str(ckpt), "--data", str(data), "--batch-size", "2", "--val-tokens", "300",
+            "--out", str(out)]
     assert main(args) == 0
     assert json.loads(out.read_text())["val"]["tokens"] == 256  # the first 300 // 64 = 4 sequences
     args = build_parser("eval").parse_args(["--model", str(ckpt), "--val-tokens", "10M"])
@@ -159,12 +160,13 @@ def test_eval_under_torchrun_matches_one_process(tmp_path, tiny_model):
     data = make_val_dir(tmp_path / "data")
     ckpt = checkpoint(tmp_path, tiny_model)
     single = evaluate_loss(tiny_model, val_batches(data, 2, 64), device="cpu")
-    swag = evaluate_hellaswag(tiny_model, load_hellaswag(HELLASWAG, limit=5), device="cpu", batch_size=4, progress=False)
+    swag = evaluate_hellaswag(tiny_model, load_hellaswag(HELLASWAG, limit=5), device="cpu", batch_size=4,
+                              progress=False)
     out = tmp_path / "ddp.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "gpt2forge.cli", "eval", "--model", str(ckpt), "--data", str(data), "--batch-size", "2",
                "--hellaswag-file", str(HELLASWAG), "--hellaswag-limit", "5", "--device", "cpu",
-               "--out", str(out)]  # fmt: skip
+               "--out", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("val loss") == 1  # only rank 0 prints

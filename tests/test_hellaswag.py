@@ -223,6 +223,7 @@ def test_eval_cli_writes_hellaswag_results_next_to_the_checkpoint(tmp_path, tiny
     assert "(step 42)" in out and "acc_norm" in out
     saved = json.loads((checkpoint / "eval.json").read_text())
     assert saved["step"] == 42 and saved["hellaswag"]["n"] == 6 and saved["hellaswag"]["rows"] == 6
-    assert saved["hellaswag"]["sha256"] == hashlib.sha256(SHARED.read_bytes()).hexdigest() and saved["versions"]["torch"] == torch.__version__
+    assert saved["hellaswag"]["sha256"] == hashlib.sha256(SHARED.read_bytes()).hexdigest()
+    assert saved["versions"]["torch"] == torch.__version__
     assert main(["eval", "--model", str(checkpoint), "--hellaswag-limit", "3"]) == 2
     assert "--hellaswag-limit counts HellaSwag rows" in capsys.readouterr().err

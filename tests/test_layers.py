@@ -45,7 +45,8 @@ def imported_units(path: Path) -> set[str]:
                 base = []
             else:
                 continue
-            target = base + (node.module.split(".") if node.module and node.level else (node.module or "").split(".")[1:])
+            relative = node.module and node.level
+            target = base + (node.module.split(".") if relative else (node.module or "").split(".")[1:])
             names = [target] if target else [[a.name] for a in node.names]
         else:
             continue

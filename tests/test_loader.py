@@ -36,7 +36,8 @@ def epoch_starts(loader, steps, micro):
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_one_epoch_reads_every_sequence_once_across_ranks(data_dir, shuffle):
     world, B, accum = 3, 2, 2
-    loaders = [TokenLoader(data_dir, B, T, rank=r, world_size=world, grad_accum=accum, shuffle=shuffle, seed=7) for r in range(world)]
+    loaders = [TokenLoader(data_dir, B, T, rank=r, world_size=world, grad_accum=accum, shuffle=shuffle, seed=7)
+               for r in range(world)]
     per_epoch = loaders[0].sequences_per_epoch
     assert per_epoch == 12 + 9 + 15 + 6
     steps = per_epoch // (B * world * accum)  # 3 steps × 12 sequences = 36 of 42

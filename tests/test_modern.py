@@ -116,7 +116,8 @@ def test_defaults_are_track_3():
 def test_zero_init_zeroes_out_projections_and_head():
     model = model_of(small())
     zeroed = {n for n, p in model.named_parameters() if p.dim() == 2 and not p.any()}
-    assert zeroed == {"lm_head.weight"} | {f"transformer.h.{i}.{m}.c_proj.weight" for i in (0, 1) for m in ("attn", "mlp")}
+    projections = {f"transformer.h.{i}.{m}.c_proj.weight" for i in (0, 1) for m in ("attn", "mlp")}
+    assert zeroed == {"lm_head.weight"} | projections
     assert not model(torch.randint(0, 500, (1, 8)))[0].any()  # uniform first prediction
     assert model.transformer.wte.weight.std().item() == pytest.approx(1.0, rel=0.05)
     assert model.transformer.h[0].attn.c_q.weight.std().item() == pytest.approx((0.33 / 32) ** 0.5, rel=0.1)
@@ -172,8 +173,10 @@ def test_tied_and_untied_heads():
     assert tied.lm_head.weight is tied.transformer.wte.weight
     assert untied.lm_head.weight is not untied.transformer.wte.weight
     assert untied.num_params() - tied.num_params() == 512 * 32
-    assert tied.lm_head.weight.std().item() == pytest.approx((0.33 / 32) ** 0.5, rel=0.1)  # the head's init, not N(0, 1)
-    assert tied_weights(tied.config) == {"lm_head.weight": "transformer.wte.weight"} and tied_weights(untied.config) == {}
+    # the head's init, not N(0, 1)
+    assert tied.lm_head.weight.std().item() == pytest.approx((0.33 / 32) ** 0.5, rel=0.1)
+    assert tied_weights(tied.config) == {"lm_head.weight": "transformer.wte.weight"}
+    assert tied_weights(untied.config) == {}
     assert tied(torch.randint(0, 500, (1, 8)))[0].any()  # zero_init leaves a tied head alone
 
 
@@ -199,7 +202,8 @@ def test_every_switch_off_still_builds_and_learns_something():
 
 @pytest.mark.parametrize("field, value, message", [
     ("rope_fraction", 0.3, "model.rope_fraction"), ("rope_fraction", 1.5, "model.rope_fraction"),
-    ("rope_base", 0.0, "model.rope_base"), ("mlp", "swiglu", "model.mlp"), ("logit_softcap", -1.0, "model.logit_softcap"),
+    ("rope_base", 0.0, "model.rope_base"), ("mlp", "swiglu", "model.mlp"),
+    ("logit_softcap", -1.0, "model.logit_softcap"),
     ("attn_scale", -1.0, "model.attn_scale"), ("qk_norm", "yes", "model.qk_norm"), ("n_head", 5, "model.n_head"),
 ])
 def test_bad_values_are_refused_naming_the_field(field, value, message):

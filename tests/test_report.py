@@ -44,7 +44,8 @@ def synthetic_run(run_dir, steps=400, val=True, hellaswag=True, mfu=True, scale=
 def write_config(run_dir, data_dir, seq_len=4, val_tokens=0, extra=""):
     """A config.toml as the trainer saves it: every section, the data directory among them."""
     (run_dir / "config.toml").write_text(
-        f'name = "test"\n\n[model]\npreset = "tiny"\nvocab_size = 50257\n\n[data]\ndir = "{data_dir}"\nshuffle = true\n\n'
+        f'name = "test"\n\n[model]\npreset = "tiny"\nvocab_size = 50257\n\n'
+        f'[data]\ndir = "{data_dir}"\nshuffle = true\n\n'
         f"[optim]\nlr = 0.0006\ngrad_clip = 1.0\n\n[train]\nmax_steps = 400\nseq_len = {seq_len}\n\n"
         f"[eval]\nval_tokens = {val_tokens}\n{extra}\n[log]\ndir = \"ignored\"\n"
     )
@@ -125,7 +126,7 @@ def test_steps_merge_field_by_field_and_missing_tokens_are_interpolated(tmp_path
         {"step": 2, "val_loss": 8.5},  # an eval row without tokens
         {"step": 3, "tokens": 300, "loss": 7.5},
         {"step": 3, "tokens": 300, "loss": 7.0},  # re-logged after a resume
-    ])  # fmt: skip
+    ])
     with open(path, "a") as f:
         f.write("4,400,1.2,6.")  # a crash mid-line: the half-written row keeps what parses
     m = read_metrics(path)
@@ -205,7 +206,7 @@ def test_a_gpu_run_with_hellaswag_gets_those_panels_too(tmp_path):
     write_config(run, tmp_path / "gone", extra="hellaswag_limit = 200\n")
     panels, _, notes = figure(run)
     assert list(panels) == ["loss", "HellaSwag acc_norm (first 200 of 10,042 examples)", "learning rate schedule",
-                            "gradient norm", "throughput", "model FLOPs utilization"]  # fmt: skip
+                            "gradient norm", "throughput", "model FLOPs utilization"]
     swag = panels["HellaSwag acc_norm (first 200 of 10,042 examples)"]
     assert {"GPT-2 124M (OpenAI): 0.2955", "GPT-3 124M: 0.337", "chance: 0.25"} <= set(labels(swag))
     assert any("first 200 examples" in note for note in notes)
@@ -259,7 +260,7 @@ def test_other_data_gets_its_unigram_baseline_on_the_runs_val_tokens_instead(tmp
     assert f"| {expected['loss']:.4f} on 8 val tokens |" in text
     assert "the embedded corpus (Python 3.11.7 standard library, 812 documents) → other data: no published" in text
     assert "| val loss | 3.2924 | OpenAI GPT-2 124M checkpoint, val loss on the FineWeb-Edu val shard | " \
-           "build-nanogpt `play.ipynb` | not these runs |" in text  # fmt: skip
+           "build-nanogpt `play.ipynb` | not these runs |" in text
 
 
 def test_shard_directories_without_a_manifest_are_judged_by_their_name(tmp_path):

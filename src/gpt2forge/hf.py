@@ -188,7 +188,8 @@ def hf_state_dict(model, dtype: torch.dtype = torch.float32) -> dict[str, torch.
     return out
 
 
-def export_hf(model, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32, vocab_dir: str | None = None) -> Path:
+def export_hf(model, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
+              vocab_dir: str | None = None) -> Path:
     """Write ``model`` as a Hugging Face GPT-2 directory (weights, config, GPT-2 tokenizer files), atomically."""
     refuse_other_architectures(model)
     out = Path(out_dir)
@@ -232,6 +233,7 @@ def _write_tokenizer(directory: Path, max_length: int, vocab_dir: str | None) ->
     (directory / "vocab.json").write_bytes(encoder_json)
     (directory / "merges.txt").write_bytes(vocab_bpe)
     special = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
-    tokenizer_config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": max_length, "add_prefix_space": False, **special}
+    tokenizer_config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": max_length,
+                        "add_prefix_space": False, **special}
     (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")

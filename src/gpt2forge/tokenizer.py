@@ -55,7 +55,8 @@ def _files_in(directory: Path, origin: str) -> VocabFiles:
     if not directory.is_dir():
         raise UserError(f"vocab directory {directory} (from {origin}) does not exist")
     found = []
-    for names, expected in ((("encoder.json", "vocab.json"), ENCODER_SHA256), (("vocab.bpe", "merges.txt"), BPE_SHA256)):
+    files = ((("encoder.json", "vocab.json"), ENCODER_SHA256), (("vocab.bpe", "merges.txt"), BPE_SHA256))
+    for names, expected in files:
         path = next((directory / n for n in names if (directory / n).is_file()), None)
         if path is None:
             raise UserError(f"vocab directory {directory} (from {origin}) has neither {' nor '.join(names)}")

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> dict:
         hellaswag_file=args.hellaswag_file, hellaswag_limit=args.hellaswag_limit, batch_size=args.batch_size,
         seq_len=args.seq_len, device=args.device, precision=args.precision, vocab_dir=args.vocab_dir,
         progress=not args.no_progress,
-    )  # fmt: skip
+    )
     if results["rank"] == 0:
         print(format_table(results))
         out = results_path(results, args.out)

@@ -42,7 +42,8 @@ class ShardSequences:
         self.paths = shards
         self.seq_len = seq_len
         self.tokens = [open_shard(p) for p in shards]
-        self.counts = np.array([(len(t) - 1) // seq_len if len(t) > seq_len else 0 for t in self.tokens], dtype=np.int64)
+        counts = [(len(t) - 1) // seq_len if len(t) > seq_len else 0 for t in self.tokens]
+        self.counts = np.array(counts, dtype=np.int64)
         self.total = int(self.counts.sum())
         if self.total == 0:
             sizes = ", ".join(f"{p.name}: {len(t):,}" for p, t in zip(shards, self.tokens))

@@ -342,7 +342,8 @@ class DataInfo:
                             f"(--val-tokens {settings.get('val_tokens', 0):,}); prepare it again into another "
                             "--out with a smaller --val-tokens")
         raise UserError(
-            f"no {split} shards (*_{split}_*.bin) in {directory}; create them with `gpt2forge prepare --out {directory}`"
+            f"no {split} shards (*_{split}_*.bin) in {directory}; "
+            f"create them with `gpt2forge prepare --out {directory}`"
         )
 
     def check_vocab(self, split: str, vocab_size: int) -> None:
@@ -381,7 +382,8 @@ def check_data_dir(directory: str | os.PathLike) -> DataInfo:
     """
     directory = Path(directory)
     if not directory.is_dir():
-        raise UserError(f"data directory {directory} does not exist; create it with `gpt2forge prepare --out {directory}`")
+        raise UserError(f"data directory {directory} does not exist; "
+                        f"create it with `gpt2forge prepare --out {directory}`")
     manifest = read_manifest(directory)
     if manifest is not None and manifest.get("format") != MANIFEST_FORMAT:
         manifest = None  # someone else's manifest.json: nothing we can check against

@@ -119,7 +119,7 @@ def evaluate(
             results["hellaswag"] = evaluate_hellaswag(
                 loaded, rows, device=device, batch_size=batch_size, autocast_dtype=autocast,
                 rank=rank, world_size=world_size, progress=progress,
-            )  # fmt: skip
+            )
         results["rank"] = rank
         return results
     finally:

@@ -314,7 +314,7 @@ def evaluate_hellaswag(
         scores = score_examples(
             model, mine, device=device, batch_size=batch_size, seq_len=seq_len, n_batches=n_batches,
             autocast_dtype=autocast_dtype, progress=progress and rank == 0,
-        )  # fmt: skip
+        )
     finally:
         model.train(was_training)
     labels = torch.tensor([ex.label for ex in mine], dtype=torch.long)

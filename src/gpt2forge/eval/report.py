@@ -63,8 +63,9 @@ REFERENCES = (
     Reference("hellaswag", 0.337, "GPT-3 124M (paper), HellaSwag", "build-nanogpt `play.ipynb`", plot="GPT-3 124M"),
     Reference("hellaswag", 0.4893, "OpenAI GPT-2 XL 1558M, HellaSwag acc_norm (same method)",
               "build-nanogpt `hellaswag.py` docstring"),
-    Reference("hellaswag", 0.30, "build-nanogpt run, 10B tokens, HellaSwag acc_norm", "build-nanogpt video", approx=True),
-)  # fmt: skip
+    Reference("hellaswag", 0.30, "build-nanogpt run, 10B tokens, HellaSwag acc_norm", "build-nanogpt video",
+              approx=True),
+)
 CHANCE = 0.25  # HellaSwag has four endings
 HELLASWAG_ROWS = 10042
 FAMILY_NAMES = {"fineweb-edu": "FineWeb-Edu", "fineweb": "FineWeb"}
@@ -133,7 +134,8 @@ def read_metrics(path: Path) -> dict[str, np.ndarray]:
             if reader.fieldnames is None:
                 raise UserError(f"{path} is empty: the run has not logged a step yet")
             if "step" not in reader.fieldnames:
-                raise UserError(f"{path} has no 'step' column: not a gpt2forge metrics.csv (columns: {', '.join(COLUMNS)})")
+                raise UserError(f"{path} has no 'step' column: not a gpt2forge metrics.csv "
+                                f"(columns: {', '.join(COLUMNS)})")
             steps: dict[int, dict[str, float]] = {}
             for row in reader:
                 step = _parse(row.get("step"))
@@ -202,7 +204,7 @@ def describe_source(source: dict) -> tuple[str, str | None]:
         return f"local files: {shown}", families.pop() if len(families) == 1 else None  # all from one dataset
     if kind == "embedded":
         return (f"the embedded corpus (Python {source.get('python', '?')} standard library, "
-                f"{source.get('documents', '?')} documents)"), None  # fmt: skip
+                f"{source.get('documents', '?')} documents)"), None
     return f"unknown source kind {kind!r}", None
 
 
@@ -221,13 +223,13 @@ def run_data(run: Run, baseline: bool = True) -> DataInfo | None:
         return DataInfo(None, "unknown (config.toml has no [data] dir)", None, "no [data] dir in config.toml")
     info = DataInfo(directory, Path(directory).name, data_family(Path(directory).name), "the directory's name",
                     seq_len=config.get("train", {}).get("seq_len", 1024),
-                    val_tokens=config.get("eval", {}).get("val_tokens", 1310720))  # fmt: skip
+                    val_tokens=config.get("eval", {}).get("val_tokens", 1310720))
     path = Path(directory)
     if not path.is_dir():
         info.description += " (not found)"
         info.notes.append(f"{run.name}: data directory {directory} not found"
                           + (" (relative to the current directory)" if not path.is_absolute() else "")
-                          + ": which data the run saw is judged by the directory's name; no unigram baseline")  # fmt: skip
+                          + ": which data the run saw is judged by the directory's name; no unigram baseline")
         return info
     try:
         manifest = read_manifest(path)
@@ -243,13 +245,14 @@ def run_data(run: Run, baseline: bool = True) -> DataInfo | None:
         from .baseline import unigram_loss
 
         try:
-            info.baseline = unigram_loss(path, info.seq_len, info.val_tokens, config.get("model", {}).get("vocab_size", 50257))
+            vocab_size = config.get("model", {}).get("vocab_size", 50257)
+            info.baseline = unigram_loss(path, info.seq_len, info.val_tokens, vocab_size)
         except UserError as e:
             info.notes.append(f"{run.name}: no unigram baseline ({e})")
         else:
             if info.baseline["capped"]:
-                info.notes.append(f"{run.name}: unigram frequencies from the first {human(info.baseline['train_tokens_counted'])} "
-                                  f"of {human(info.baseline['train_tokens_total'])} train tokens")  # fmt: skip
+                counted, total = (human(info.baseline[k]) for k in ("train_tokens_counted", "train_tokens_total"))
+                info.notes.append(f"{run.name}: unigram frequencies from the first {counted} of {total} train tokens")
     return info
 
 
@@ -322,7 +325,7 @@ BASELINE_STYLE = {"color": "#8c564b", "linestyle": "-."}
 SKIPPED_COLOR = "#d62728"
 X_LABELS = {"tokens": "tokens seen", "step": "step"}
 FONTS = {"font.size": 9, "axes.titlesize": 10.5, "axes.labelsize": 9.5, "xtick.labelsize": 8.5,
-         "ytick.labelsize": 8.5, "legend.fontsize": 8, "figure.titlesize": 12}  # fmt: skip
+         "ytick.labelsize": 8.5, "legend.fontsize": 8, "figure.titlesize": 12}
 PANEL_SIZE = (5.4, 3.5)  # inches: a 2-column grid is a page wide at 150 dpi
 DPI = 150
 
@@ -350,7 +353,7 @@ def _noisy_curve(ax, xs: np.ndarray, ys: np.ndarray, label: str, color: str, lin
 def _points(ax, xs: np.ndarray, ys: np.ndarray, label: str, color: str, linestyle: str) -> None:
     """Evaluations: few, exact, marked."""
     ax.plot(xs, ys, marker="o", markersize=4.5, linewidth=1.5, linestyle=linestyle, color=color, label=label,
-            markeredgecolor="white", markeredgewidth=0.6, zorder=3)  # fmt: skip
+            markeredgecolor="white", markeredgewidth=0.6, zorder=3)
 
 
 def _hline(ax, value: float, label: str, style: dict) -> None:
@@ -362,7 +365,7 @@ def _mark_skipped(ax, runs: list[Run], x: str, label: bool) -> None:
         skipped = run["skipped"] > 0
         for i, at in enumerate(run[x][skipped]):
             ax.axvline(at, color=SKIPPED_COLOR, linewidth=0.9, linestyle=":", zorder=1,
-                       label=f"skipped step (non-finite), {skipped.sum()} in {run.name}" if label and i == 0 else None)  # fmt: skip
+                       label=f"skipped step (non-finite), {skipped.sum()} in {run.name}" if label and i == 0 else None)
 
 
 def _legend(ax, loc: str = "best", ncol: int = 1) -> None:
@@ -432,17 +435,17 @@ def _plot_loss(ax, runs: list[Run], x: str) -> list[str]:
         values = " / ".join(dict.fromkeys(f"{value:.2f}" for _, value, _ in points))
         ax.annotate(f"step {points[0][0]}: {values} ↑", (at, 1), xycoords=("data", "axes fraction"), xytext=(5, -3),
                     textcoords="offset points", ha="left", va="top", fontsize=7.5, color=points[0][2],
-                    bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1}, zorder=5)  # fmt: skip
+                    bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1}, zorder=5)
         for _, _, color in points:
             ax.plot([at], [1], marker="^", color=color, markersize=5, transform=ax.get_xaxis_transform(), clip_on=False)
     for run in runs:
         if run.data is None:
             notes.append(f"{run.name}: no config.toml beside metrics.csv, so its data is unknown: no reference val "
-                         "loss and no unigram baseline drawn")  # fmt: skip
+                         "loss and no unigram baseline drawn")
         elif run.data.family is None:
-            notes.append(f"{run.name}: the published GPT-2 val losses (FineWeb-Edu, FineWeb) are not drawn: they do not "
-                         f"apply to {run.data.description}"
-                         + ("; the corpus's unigram baseline is drawn instead" if run.data.baseline else ""))  # fmt: skip
+            notes.append(f"{run.name}: the published GPT-2 val losses (FineWeb-Edu, FineWeb) are not drawn: they "
+                         f"do not apply to {run.data.description}"
+                         + ("; the corpus's unigram baseline is drawn instead" if run.data.baseline else ""))
     _legend(ax, "upper right")
     return notes
 
@@ -473,7 +476,7 @@ def _plot_hellaswag(ax, runs: list[Run], x: str) -> list[str]:
     if subset:
         ax.set_title(f"HellaSwag acc_norm (first {subset[0]:,} of {HELLASWAG_ROWS:,} examples)")
         notes.append(f"HellaSwag on the first {subset[0]:,} examples (eval.hellaswag_limit), the references on all "
-                     f"{HELLASWAG_ROWS:,}; error bars: ±1 binomial standard error")  # fmt: skip
+                     f"{HELLASWAG_ROWS:,}; error bars: ±1 binomial standard error")
     else:
         ax.set_title("HellaSwag acc_norm")
     ax.set_ylabel("accuracy (length-normalized)")
@@ -485,7 +488,7 @@ def _plot_lr(ax, runs: list[Run], x: str) -> None:
     for run, style in zip(runs, RUN_STYLES):
         ok = np.isfinite(run["lr"])
         ax.plot(run[x][ok], run["lr"][ok], color=style["train"], linestyle=style["linestyle"], linewidth=1.5,
-                label=run.name)  # fmt: skip
+                label=run.name)
     ax.set_title("learning rate schedule")
     ax.set_ylabel("learning rate")
     ax.set_ylim(bottom=0)
@@ -695,7 +698,7 @@ def render_markdown(runs: list[Run], png_name: str, notes: list[str]) -> str:
     ]
     lines += [f"| {label} | " + " | ".join(_cell(s[key], fmt) for s in stats) + " |" for label, key, fmt in rows]
     lines.append("| unigram baseline (val loss of train-split token frequencies) | "
-                 + " | ".join(_baseline_cell(r) for r in runs) + " |")  # fmt: skip
+                 + " | ".join(_baseline_cell(r) for r in runs) + " |")
     absent = {"val_loss": "validation loss", "hellaswag_acc_norm": "HellaSwag", "lr": "learning rate",
               "grad_norm": "gradient norm", "tokens_per_s": "throughput", "mfu": "MFU (needs a GPU's peak FLOP/s)"}
     for run in runs:

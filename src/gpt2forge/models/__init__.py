@@ -101,7 +101,8 @@ def padding_params(model: nn.Module) -> int:
     and its bias): what to subtract to compare counts with unpadded models."""
     c = model.config
     extra = c.padded_vocab_size - c.vocab_size
-    return sum(extra * math.prod(p.shape[1:]) for p in model.parameters() if p.dim() and p.shape[0] == c.padded_vocab_size)
+    padded = [p for p in model.parameters() if p.dim() and p.shape[0] == c.padded_vocab_size]
+    return sum(extra * math.prod(p.shape[1:]) for p in padded)
 
 
 def parameter_roles(model: nn.Module) -> dict[str, str]:

@@ -31,7 +31,8 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
-def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, cap: float = 0.0) -> torch.Tensor:
+def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                          cap: float = 0.0) -> torch.Tensor:
     """The chunked loss on the head's padded logits [..., V_padded]; NaN when every target is ignored."""
     return ChunkedCrossEntropy.apply(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), vocab_size, cap)
 
@@ -40,7 +41,8 @@ def chunk_rows(logits: torch.Tensor) -> int:
     return max(1, CHUNK_BYTES // (4 * logits.size(1)))
 
 
-def _chunk(logits: torch.Tensor, start: int, end: int, vocab_size: int, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk(logits: torch.Tensor, start: int, end: int, vocab_size: int,
+           cap: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows ``start:end``: (capped fp32 logits with the padded columns at -inf, raw fp32 logits)."""
     raw = logits[start:end].float()
     x = softcap(raw, cap) if cap else raw.clone()

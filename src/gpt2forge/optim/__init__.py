@@ -96,13 +96,15 @@ def build_optimizers(model: torch.nn.Module, optim: OptimSection, device_type: s
             continue
         specs[name] = [GroupSpec(name, tuple(roles), scale, wd) for (_, scale, wd), roles, _ in mine]
         param_groups = [{"params": members, "weight_decay": wd} for (_, _, wd), _, members in mine]
-        optimizers[name] = make_adamw(param_groups, optim, device_type) if name == "adamw" else make_muon(param_groups, optim)
+        optimizers[name] = (make_adamw(param_groups, optim, device_type) if name == "adamw"
+                            else make_muon(param_groups, optim))
     return Optimizers(optimizers, specs, optim, max_steps)
 
 
 def make_adamw(param_groups: list[dict], optim: OptimSection, device_type: str) -> torch.optim.AdamW:
     """AdamW, fused into one kernel per step when asked and the device supports it (CUDA and CPU)."""
-    fused = optim.fused and device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    supported = "fused" in inspect.signature(torch.optim.AdamW).parameters
+    fused = optim.fused and device_type in ("cuda", "cpu") and supported
     return torch.optim.AdamW(param_groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
                              fused=fused or None)
 
