@@ -8,7 +8,7 @@ every step. Nothing is tuned: the recipe file of each revision is loaded as it i
 directory are overridden (and ``data.shuffle``, so that both read the same order whatever the recipe says).
 
     python benchmarks/loss_compare.py --base 9fc4d2f            # exit 1 when any step differs
-    python benchmarks/loss_compare.py --base main --compile     # the same with torch.compile on
+    python benchmarks/loss_compare.py --base main --compile     # the same with torch.compile on (1 thread)
 
 Results (each step's loss as a hex float, both revisions, verdict) go to ``benchmarks/results/loss-compare.json``.
 """
@@ -66,7 +66,10 @@ def git(*args: str, cwd: Path = ROOT) -> str:
 
 
 def losses_of(tree: Path, data: Path, work: Path, steps: int, compile_: bool) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(tree / "src"), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    # Inductor's CPU kernels split reductions across threads non-deterministically (the same tree compiled twice
+    # differs by an ulp in a step's loss now and then with 2 threads, never with 1): compiled runs use one thread.
+    threads = "1" if compile_ else os.environ.get("OMP_NUM_THREADS", "2")
+    env = {**os.environ, "PYTHONPATH": str(tree / "src"), "OMP_NUM_THREADS": threads}
     proc = subprocess.run([sys.executable, "-c", SNIPPET, str(data), str(work), str(steps), str(compile_).lower()],
                           capture_output=True, text=True, env=env, cwd=work)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("LOSSES=")]
