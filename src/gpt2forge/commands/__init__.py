@@ -30,26 +30,24 @@ MODEL_HELP = "checkpoint dir, run dir (its newest checkpoint), Hugging Face dir,
 VOCAB_HELP = "folder with GPT-2's encoder.json + vocab.bpe (default: found automatically)"
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer ≥ 1."""
+def _int_at_least(text: str, low: int, bound: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer ≥ 1."""
+    return _int_at_least(text, 1, "a positive integer")
 
 
 def non_negative_int(text: str) -> int:
     """An argparse type: an integer ≥ 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
+    return _int_at_least(text, 0, "0 or more")
 
 
 def token_count(text: str) -> int:

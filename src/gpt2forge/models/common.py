@@ -113,6 +113,35 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+class DecoderLM(nn.Module):
+    """What every architecture's model shares of the contract (``models/__init__.py``): its blocks live in
+    ``self.transformer.h``, its config has n_layer/n_head/head_dim/block_size, and it defines ``num_params``."""
+
+    config: ModelConfig
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The repeated blocks: FSDP shards each on its own."""
+        return self.transformer.h
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward): 6N + 12·L·H·Q·T (PaLM appendix B, nanoGPT's MFU)."""
+        c = self.config
+        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
+
+    def new_cache(self, batch_size: int) -> KVCache:
+        c = self.config
+        return KVCache(c.n_layer, batch_size, c.n_head, c.block_size, c.head_dim)
+
+    def first_position(self, n_tokens: int, cache: KVCache | None) -> int:
+        """Where ``n_tokens`` new tokens start (after the cache's), refusing more than the context holds."""
+        start = cache.pos if cache is not None else 0
+        if start + n_tokens > self.config.block_size:
+            raise ValueError(f"sequence of {start + n_tokens} tokens exceeds the context length "
+                             f"{self.config.block_size}")
+        return start
+
+
 def causal_mask(n_query: int, n_key: int, device) -> torch.Tensor:
     """Boolean mask (True = may attend) for queries that are the last ``n_query`` of ``n_key`` positions."""
     return torch.ones(n_query, n_key, dtype=torch.bool, device=device).tril(diagonal=n_key - n_query)

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import KVCache, ModelConfig, Runtime, causal_attention
+from .common import DecoderLM, KVCache, ModelConfig, Runtime, causal_attention
 from .loss import chunked_cross_entropy, cross_entropy
 
 
@@ -82,7 +82,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
+class GPT(DecoderLM):
     """GPT-2. The model contract (see ``models/__init__.py``): ``forward``, ``blocks``, ``num_params``,
     ``flops_per_token``, ``new_cache``, and the declarations below."""
 
@@ -125,11 +125,6 @@ class GPT(nn.Module):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
-    @property
-    def blocks(self) -> nn.ModuleList:
-        """The repeated blocks: FSDP shards each on its own."""
-        return self.transformer.h
-
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count, tied weights once. ``non_embedding`` drops the position table (as nanoGPT's MFU does)."""
         n = sum(p.numel() for p in self.parameters())
@@ -137,24 +132,13 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward): 6N + 12·L·H·Q·T (PaLM appendix B, nanoGPT's MFU)."""
-        c = self.config
-        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
-
-    def new_cache(self, batch_size: int) -> KVCache:
-        c = self.config
-        return KVCache(c.n_layer, batch_size, c.n_head, c.block_size, c.head_dim)
-
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits over the real vocabulary (padding sliced off) and, given targets, the mean cross-entropy (with
         the chunked loss, given targets, no logits: materialising them is what it avoids)."""
         T = idx.size(1)
-        start = cache.pos if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the context length {self.config.block_size}")
+        start = self.first_position(T, cache)
         pos = torch.arange(start, start + T, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         for block in self.transformer.h:

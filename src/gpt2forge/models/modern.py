@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import KVCache, ModelConfig, RMSNorm, Rotary, Runtime, apply_rotary, causal_attention
+from .common import DecoderLM, KVCache, ModelConfig, RMSNorm, Rotary, Runtime, apply_rotary, causal_attention
 from .loss import chunked_cross_entropy, cross_entropy, softcap
 
 MLP_KINDS = ("relu2", "gelu")
@@ -149,7 +149,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class ModernGPT(nn.Module):
+class ModernGPT(DecoderLM):
     """The modern GPT. The model contract (see ``models/__init__.py``): ``forward``, ``blocks``, ``num_params``,
     ``flops_per_token``, ``new_cache``, and the declarations below."""
 
@@ -200,11 +200,6 @@ class ModernGPT(nn.Module):
             for module in outputs + ([] if c.tie_embeddings else [self.lm_head]):
                 nn.init.zeros_(module.weight)
 
-    @property
-    def blocks(self) -> nn.ModuleList:
-        """The repeated blocks: FSDP shards each on its own."""
-        return self.transformer.h
-
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count, tied weights once. ``non_embedding`` drops the token embedding, a lookup without FLOPs,
         unless it is also the head (tied: a matmul, kept as GPT-2 keeps its own); an untied head always counts."""
@@ -213,15 +208,6 @@ class ModernGPT(nn.Module):
             n -= self.transformer.wte.weight.numel()
         return n
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward): 6N + 12·L·H·Q·T (PaLM appendix B, nanoGPT's MFU)."""
-        c = self.config
-        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
-
-    def new_cache(self, batch_size: int) -> KVCache:
-        c = self.config
-        return KVCache(c.n_layer, batch_size, c.n_head, c.block_size, c.head_dim)
-
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -229,9 +215,7 @@ class ModernGPT(nn.Module):
         cross-entropy of those logits (with the chunked loss, given targets, no logits: materialising them is
         what it avoids). With a cache, positions continue from ``cache.pos``."""
         T = idx.size(1)
-        start = cache.pos if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the context length {self.config.block_size}")
+        start = self.first_position(T, cache)
         rope = self.rotary(start, T) if self.rotary is not None else None  # cos, sin: (T, rope_dims/2) each
         x = self.transformer.ln_emb(self.transformer.wte(idx))  # (B, T, C)
         for block in self.transformer.h:
