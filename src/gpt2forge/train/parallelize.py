@@ -37,9 +37,6 @@ class Parallel:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def barrier(self) -> None:
-        self.accelerator.wait_for_everyone()
-
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """DDP (accelerate's) or FSDP2 around ``model``; the model itself on one process."""
         if not self.fsdp:
