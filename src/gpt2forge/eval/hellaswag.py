@@ -250,7 +250,7 @@ def score_examples(
     ``seq_len`` defaults to ``padded_length`` of the examples; ``n_batches`` (≥ what the examples need) adds
     padding-only batches so every rank of a distributed eval runs the same number of forward passes.
     """
-    from .loss import progress_bar
+    from ..progress import progress_bar
 
     device = torch.device(device)
     per_batch = max(1, batch_size // N_ENDINGS)

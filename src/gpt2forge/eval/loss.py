@@ -4,21 +4,19 @@ Each batch contributes ``mean loss × its target tokens``, so the result is the 
 batches) and does not depend on how batches are split across ranks. The model is called exactly as in
 training, ``model(x, targets=y)``, so a compiled model reuses its graph (only the grad mode differs).
 
-Evaluations take minutes on big splits or slow machines, so they can show progress (``progress_bar``): on a
-terminal a live tqdm bar with an ETA; in a log file (stderr not a TTY: a cluster job, ``nohup``, CI) a plain
-line every 30 s and at the end, because tqdm's carriage-return redraws turn into one unreadable line there.
-Progress goes to stderr, so stdout keeps only results.
+Evaluations take minutes on big splits or slow machines, so they show progress (``progress.progress_bar``) on
+stderr, so stdout keeps only results.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable
 
 import torch
 
 from ..errors import UserError
 from ..models import IGNORE_INDEX
+from ..progress import progress_bar
 
 
 @torch.no_grad()
@@ -79,37 +77,3 @@ def evaluate_loss(
 def accumulator_dtype(device: torch.device) -> torch.dtype:
     """float64 for the loss sum, except on Apple MPS, which has no float64 (float32 there: ~7 digits, ample)."""
     return torch.float32 if device.type == "mps" else torch.float64
-
-
-class _LogLines:
-    """A file for tqdm that writes every redraw as a line of its own, skipping those that show no new progress
-    (tqdm redraws the last state when it closes): progress readable in logs."""
-
-    def __init__(self, stream) -> None:
-        self.stream, self.last = stream, ""
-        self.encoding = getattr(stream, "encoding", None) or "utf-8"
-
-    def write(self, text: str) -> None:
-        text = text.replace("\r", "").strip()
-        progress = text.split(" [")[0]  # "desc: 40%|####      | 4/10", without the times and rate
-        if text and progress != self.last:
-            self.stream.write(text + "\n")
-            self.last = progress
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-
-def progress_bar(iterable, *, total: int | None, desc: str, unit: str, enabled: bool = True):
-    """``iterable`` with tqdm progress on stderr: a live bar (ETA included) on a terminal; elsewhere a line every
-    30 s and a last one at the end. Disabled: ``iterable`` itself."""
-    if not enabled:
-        return iterable
-    if sys.stderr.isatty():
-        from tqdm.auto import tqdm
-
-        return tqdm(iterable, total=total, desc=desc, unit=unit, mininterval=0.5, dynamic_ncols=True)
-    from tqdm import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, unit=unit, file=_LogLines(sys.stderr), mininterval=30, ncols=100,
-                ascii=True)
