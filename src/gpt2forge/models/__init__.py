@@ -14,8 +14,10 @@ The contract is what the training loop, evaluation, sampling, FSDP, checkpoints 
 - ``embedding_weights`` / ``head_weights``: parameter names with those roles, which the optimizer builder uses
   to group parameters (the other roles are hidden matrices, ≥ 2-D, and gains/biases, < 2-D).
 
-Model files import nothing from the rest of the package. Sampling policy (temperature, top-k, top-p) lives in
-``gpt2forge.sample``; file formats in ``gpt2forge.weights`` and ``gpt2forge.hf``.
+``common.DecoderLM`` implements ``blocks``, ``flops_per_token`` and ``new_cache`` for a model that keeps its
+blocks in ``transformer.h``, as both architectures here do. Model files import nothing from the rest of the
+package. Sampling policy (temperature, top-k, top-p) lives in ``gpt2forge.sample``; file formats in
+``gpt2forge.weights`` and ``gpt2forge.hf``.
 """
 
 from __future__ import annotations
