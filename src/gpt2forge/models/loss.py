@@ -42,12 +42,18 @@ def chunk_rows(logits: torch.Tensor) -> int:
 
 
 def _chunk(logits: torch.Tensor, start: int, end: int, vocab_size: int,
-           cap: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows ``start:end``: (capped fp32 logits with the padded columns at -inf, raw fp32 logits)."""
+           cap: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows ``start:end``: capped fp32 logits with the padded columns at -inf, and tanh(logits/cap), which the
+    backward reuses for the cap's derivative (None without a cap). The same operations as ``softcap``: on a CPU
+    these passes over [rows, V] are most of the cap's cost, so each is done once."""
     raw = logits[start:end].float()
-    x = softcap(raw, cap) if cap else raw.clone()
+    if cap:
+        t = torch.tanh(raw / cap)
+        x = cap * t
+    else:
+        t, x = None, raw.clone()
     x[:, vocab_size:] = float("-inf")
-    return x, raw
+    return x, t
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
@@ -79,11 +85,11 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         rows = chunk_rows(logits)
         for start in range(0, logits.size(0), rows):
             end = start + rows
-            x, raw = _chunk(logits, start, end, ctx.vocab_size, ctx.cap)
+            x, t = _chunk(logits, start, end, ctx.vocab_size, ctx.cap)
             g = torch.exp(x - lse[start:end, None])  # softmax; 0 on the padded columns
             g.scatter_add_(1, picked[start:end], torch.full_like(g[:, :1], -1.0))
             g *= valid[start:end, None] * scale
             if ctx.cap:
-                g *= 1 - torch.tanh(raw / ctx.cap).square()  # d cap·tanh(x/cap) / dx
+                g *= 1 - t.square()  # d cap·tanh(x/cap) / dx
             grad_logits[start:end] = g.to(grad_logits.dtype)
         return grad_logits, None, None, None
