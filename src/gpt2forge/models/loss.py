@@ -48,8 +48,8 @@ def _chunk(logits: torch.Tensor, start: int, end: int, vocab_size: int,
     these passes over [rows, V] are most of the cap's cost, so each is done once."""
     raw = logits[start:end].float()
     if cap:
-        t = torch.tanh(raw / cap)
-        x = cap * t
+        t = (raw / cap).tanh_()
+        x = t * cap
     else:
         t, x = None, raw.clone()
     x[:, vocab_size:] = float("-inf")
@@ -90,6 +90,6 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             g.scatter_add_(1, picked[start:end], torch.full_like(g[:, :1], -1.0))
             g *= valid[start:end, None] * scale
             if ctx.cap:
-                g *= 1 - t.square()  # d cap·tanh(x/cap) / dx
+                g *= t.square_().neg_().add_(1)  # d cap·tanh(x/cap) / dx = 1 - tanh², in place
             grad_logits[start:end] = g.to(grad_logits.dtype)
         return grad_logits, None, None, None
