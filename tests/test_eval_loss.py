@@ -12,6 +12,7 @@ from gpt2forge.commands import build_parser, main
 from gpt2forge.data.loader import val_batches
 from gpt2forge.data.shards import write_shard
 from gpt2forge.errors import UserError
+from gpt2forge.eval.bpb import token_byte_lengths
 from gpt2forge.eval.hellaswag import evaluate_hellaswag, load_hellaswag
 from gpt2forge.eval.loss import evaluate_loss
 from gpt2forge.hf import export_hf
@@ -159,7 +160,7 @@ def test_eval_cli_errors_name_the_problem(tmp_path, tiny_model, hf_model_dir, ca
 def test_eval_under_torchrun_matches_one_process(tmp_path, tiny_model):
     data = make_val_dir(tmp_path / "data")
     ckpt = checkpoint(tmp_path, tiny_model)
-    single = evaluate_loss(tiny_model, val_batches(data, 2, 64), device="cpu")
+    single = evaluate_loss(tiny_model, val_batches(data, 2, 64), device="cpu", token_bytes=token_byte_lengths())
     swag = evaluate_hellaswag(tiny_model, load_hellaswag(HELLASWAG, limit=5), device="cpu", batch_size=4,
                               progress=False)
     out = tmp_path / "ddp.json"
@@ -174,6 +175,7 @@ def test_eval_under_torchrun_matches_one_process(tmp_path, tiny_model):
     saved = json.loads(out.read_text())
     assert saved["world_size"] == 2 and saved["val"]["tokens"] == single["tokens"]
     assert saved["val"]["loss"] == pytest.approx(single["loss"], rel=1e-6)
+    assert saved["val"]["bytes"] == single["bytes"] and saved["val"]["bpb"] == pytest.approx(single["bpb"], rel=1e-6)
     assert {k: saved["hellaswag"][k] for k in ("n", "correct", "correct_norm")} == {
         k: swag[k] for k in ("n", "correct", "correct_norm")
     }

@@ -27,6 +27,7 @@ def quickstart(data_dir: str, out_dir: str, steps: int | None = None, workers: i
     from .data.prepare import EMBEDDED_SHARD_SIZE, EMBEDDED_VAL_TOKENS, prepare
     from .data.sources import EmbeddedSource
     from .eval.baseline import unigram_loss
+    from .eval.bpb import bits_per_byte, token_byte_lengths
     from .eval.loss import evaluate_loss
     from .eval.report import write_report
     from .sample import generate_text
@@ -51,16 +52,19 @@ def quickstart(data_dir: str, out_dir: str, steps: int | None = None, workers: i
     t, val_tokens = config.train, config.eval.val_tokens
     baseline = unigram_loss(data_dir, t.seq_len, val_tokens, config.model.vocab_size)["loss"]
     batches = val_batches(data_dir, t.micro_batch_size, t.seq_len, max_tokens=val_tokens or None)
-    scored = evaluate_loss(model, batches, device="cpu", progress=True)
+    scored = evaluate_loss(model, batches, device="cpu", progress=True, token_bytes=token_byte_lengths())
     val_loss = scored["loss"]
     log.info("3/4 the final model and the unigram baseline on the same %s val tokens (eval.val_tokens):",
              f"{scored['tokens']:,}")
     log.info("    validation loss %.3f vs unigram baseline %.3f: %.2f nats/token better (perplexity %.0f vs %.0f)",
              val_loss, baseline, baseline - val_loss, math.exp(val_loss), math.exp(baseline))
+    log.info("    in bits per byte (the %s tokens are %s UTF-8 bytes): %.3f vs %.3f",
+             f"{scored['tokens']:,}", f"{scored['bytes']:,}", scored["bpb"],
+             bits_per_byte(baseline * scored["tokens"], scored["bytes"]))
     png, md = write_report(result.run_dir)
     log.info("    report: %s and %s", png, md)
     log.info("4/4 samples from %s:", result.run_dir)
     for i, text in enumerate(generate_text(model, get_tokenizer(), "The", num_samples=2, max_new_tokens=40, seed=1)):
         log.info("--- sample %d ---\nThe%s", i + 1, text)
     log.info("\nnext: gpt2forge sample --model %s --prompt '...'; the real run: see README.md", result.run_dir)
-    return {"val_loss": val_loss, "unigram_loss": baseline, "run_dir": result.run_dir}
+    return {"val_loss": val_loss, "val_bpb": scored["bpb"], "unigram_loss": baseline, "run_dir": result.run_dir}

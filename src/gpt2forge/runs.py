@@ -44,6 +44,7 @@ LEGACY_PIECES = ("model.safetensors", "optimizer.pt", "train_state.json", "rng.p
 COLUMNS = (
     "step", "tokens", "elapsed_s", "loss", "lr", "grad_norm", "step_ms", "tokens_per_s", "mfu",
     "val_loss", "hellaswag_acc", "hellaswag_acc_norm",
+    "val_bpb", "core",  # appended last: a resumed run's older metrics.csv header still lines up with its rows
 )
 
 

@@ -43,8 +43,8 @@ def format_table(results: dict) -> str:
     lines = [f"model      {results['model']}" + (f" (step {results['step']})" if results["step"] is not None else "")]
     if "val" in results:
         v = results["val"]
-        lines.append(f"val loss   {v['loss']:.4f}   ({v['tokens']:,} tokens, {v['batches']} batches of "
-                     f"{v['batch_size']}×{v['seq_len']})")
+        lines.append(f"val loss   {v['loss']:.4f} nats/token   {v['bpb']:.4f} bits/byte   ({v['tokens']:,} tokens = "
+                     f"{v['bytes']:,} bytes, {v['batches']} batches of {v['batch_size']}×{v['seq_len']})")
     if "hellaswag" in results:
         h = results["hellaswag"]
         lines.append(f"hellaswag  acc_norm {h['acc_norm']:.4f} ({h['correct_norm']}/{h['n']})   "
@@ -111,7 +111,7 @@ def evaluate(
         }
         if data is not None:
             results["val"] = _val_loss(loaded, data, val_tokens, batch_size, seq_len, device, autocast, rank,
-                                       world_size, progress)
+                                       world_size, progress, vocab_dir)
         if hellaswag:
             from ..tokenizer import get_tokenizer
 
@@ -141,8 +141,9 @@ def write_results(results: dict, path: Path) -> None:
 
 
 def _val_loss(model, data, val_tokens, batch_size, seq_len, device: str, autocast, rank: int, world_size: int,
-              progress: bool) -> dict:
+              progress: bool, vocab_dir: str | None) -> dict:
     from ..data.loader import find_shards, val_batches
+    from .bpb import token_byte_lengths
     from .loss import evaluate_loss
 
     seq_len = seq_len or model.config.block_size
@@ -152,7 +153,7 @@ def _val_loss(model, data, val_tokens, batch_size, seq_len, device: str, autocas
     batches = val_batches(data, batch_size, seq_len, rank=rank, world_size=world_size, max_tokens=val_tokens,
                           vocab_size=model.config.vocab_size)
     result = evaluate_loss(model, batches, device=device, autocast_dtype=autocast, world_size=world_size,
-                           progress=progress and rank == 0)
+                           progress=progress and rank == 0, token_bytes=token_byte_lengths(vocab_dir))
     return {
         **result,
         "data": str(data),

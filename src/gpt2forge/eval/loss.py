@@ -1,7 +1,8 @@
 """Validation loss: the token-weighted mean cross-entropy over held-out batches, summed over ranks.
 
 Each batch contributes ``mean loss × its target tokens``, so the result is the mean over tokens (not over
-batches) and does not depend on how batches are split across ranks. The model is called exactly as in
+batches) and does not depend on how batches are split across ranks. Given the tokens' byte lengths (``bpb.py``),
+the UTF-8 bytes of the same targets are summed alongside, for bits per byte. The model is called exactly as in
 training, ``model(x, targets=y)``, so a compiled model reuses its graph (only the grad mode differs).
 
 Evaluations take minutes on big splits or slow machines, so they show progress (``progress.progress_bar``) on
@@ -17,6 +18,7 @@ import torch
 from ..errors import UserError
 from ..models import IGNORE_INDEX
 from ..progress import progress_bar
+from .bpb import bits_per_byte
 
 
 @torch.no_grad()
@@ -30,8 +32,10 @@ def evaluate_loss(
     progress: bool = False,
     total: int | None = None,
     desc: str = "val loss",
+    token_bytes: torch.Tensor | None = None,
 ) -> dict:
-    """``{"loss", "tokens", "batches"}`` over this rank's ``(x, y)`` batches, reduced over ``world_size`` ranks.
+    """``{"loss", "tokens", "batches"}`` (and ``"bytes"``, ``"bpb"`` given ``token_bytes``, each token id's UTF-8
+    byte count, ``bpb.token_byte_lengths``) over this rank's ``(x, y)`` batches, reduced over ``world_size`` ranks.
 
     ``world_size`` defaults to torch.distributed's (1 when it is not initialised); every rank must call this,
     even one with no batches. ``progress`` shows a bar over the batches on rank 0 (``total``: this rank's batch
@@ -49,6 +53,9 @@ def evaluate_loss(
     device = torch.device(device)
     loss_sum = torch.zeros((), dtype=accumulator_dtype(device), device=device)
     tokens = torch.zeros((), dtype=torch.int64, device=device)  # exact at any count
+    n_bytes = torch.zeros((), dtype=torch.int64, device=device)
+    if token_bytes is not None:
+        token_bytes = token_bytes.to(device)
     n_batches = 0
     was_training = model.training
     model.eval()
@@ -61,17 +68,22 @@ def evaluate_loss(
             count = (y != IGNORE_INDEX).sum()
             loss_sum += torch.where(count > 0, loss.to(loss_sum.dtype) * count, 0.0)  # an all-padding batch: NaN
             tokens += count
+            if token_bytes is not None:
+                n_bytes += torch.where(y != IGNORE_INDEX, token_bytes[y.clamp(min=0)], 0).sum()
             n_batches += 1
     finally:
         model.train(was_training)
-    sums = (loss_sum, tokens, torch.tensor(n_batches, device=device))
+    sums = (loss_sum, tokens, torch.tensor(n_batches, device=device), n_bytes)
     if world_size > 1:
         for value in sums:
             dist.all_reduce(value)
-    loss_sum, tokens, n_batches = (value.item() for value in sums)
+    loss_sum, tokens, n_batches, n_bytes = (value.item() for value in sums)
     if tokens == 0:
         raise UserError("no validation tokens were evaluated: the val split is empty or smaller than one batch")
-    return {"loss": loss_sum / tokens, "tokens": tokens, "batches": n_batches}
+    result = {"loss": loss_sum / tokens, "tokens": tokens, "batches": n_batches}
+    if token_bytes is not None:
+        result.update(bytes=n_bytes, bpb=bits_per_byte(loss_sum, n_bytes))
+    return result
 
 
 def accumulator_dtype(device: torch.device) -> torch.dtype:

@@ -37,8 +37,10 @@ class InLoopEvaluation:
         return bool(every) and (step % every == 0 or step == self.config.train.max_steps)
 
     def results(self, step: int) -> dict:
-        """Validation loss and HellaSwag, where due (all ranks call this), with a progress bar on the main rank.
-        ``val_tokens`` says how many tokens the loss was measured on (logged, not a metrics column)."""
+        """Validation loss (nats/token and bits/byte) and HellaSwag, where due (all ranks call this), with a
+        progress bar on the main rank. ``val_tokens`` says how many tokens the loss was measured on (logged, not a
+        metrics column)."""
+        from ..eval.bpb import token_byte_lengths
         from ..eval.loss import evaluate_loss
 
         c, p, results = self.config, self.parallel, {}
@@ -47,8 +49,9 @@ class InLoopEvaluation:
                                   world_size=p.world_size, max_tokens=c.eval.val_tokens or None,
                                   vocab_size=c.model.vocab_size)
             out = evaluate_loss(self.train_model, batches, device=p.device, autocast_dtype=self.autocast_dtype,
-                                world_size=p.world_size, progress=p.is_main, desc=f"step {step}: val loss")
-            results["val_loss"], results["val_tokens"] = out["loss"], out["tokens"]
+                                world_size=p.world_size, progress=p.is_main, desc=f"step {step}: val loss",
+                                token_bytes=token_byte_lengths())
+            results["val_loss"], results["val_bpb"], results["val_tokens"] = out["loss"], out["bpb"], out["tokens"]
         if self.hellaswag is not None and self.due(c.eval.hellaswag_every, step):
             from ..eval.hellaswag import evaluate_hellaswag
 
