@@ -10,7 +10,8 @@ from conftest import HELLASWAG_SAMPLE as SHARED  # 64 real validation rows, comm
 
 from gpt2forge.errors import UserError
 from gpt2forge.eval import hellaswag
-from gpt2forge.eval.hellaswag import evaluate_hellaswag, fit_to_context, load_hellaswag, score_examples
+from gpt2forge.eval.hellaswag import evaluate_hellaswag, load_hellaswag
+from gpt2forge.eval.scoring import fit_to_context, score_examples
 from gpt2forge.tokenizer import get_tokenizer
 from gpt2forge.weights import load_model
 
@@ -54,10 +55,10 @@ def test_scores_match_transformers_scoring_one_example_at_a_time(hf_model_dir):
     ref = reference_scores(hf, real_lines(n), block)
     ref_sums = torch.tensor([r[0] for r in ref])
     ref_means = torch.tensor([r[1] for r in ref])
-    torch.testing.assert_close(scores.sum_loss, ref_sums, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(scores.mean_loss, ref_means, rtol=1e-5, atol=1e-5)
-    assert scores.pred.tolist() == ref_sums.argmin(1).tolist()
-    assert scores.pred_norm.tolist() == ref_means.argmin(1).tolist()
+    torch.testing.assert_close(-scores.logprob.view(n, 4), ref_sums, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(-scores.normalised("token").view(n, 4), ref_means, rtol=1e-5, atol=1e-5)
+    assert scores.predictions().tolist() == ref_sums.argmin(1).tolist()
+    assert scores.predictions("token").tolist() == ref_means.argmin(1).tolist()
 
     labels = torch.tensor([r[2] for r in ref])
     result = evaluate_hellaswag(ours, data, device="cpu", batch_size=8, progress=False)

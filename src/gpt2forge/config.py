@@ -161,6 +161,16 @@ class EvalSection:
     """Local HellaSwag validation jsonl; empty = download from its public URL (cached)."""
     hellaswag_limit: int = 0
     """Score only the first N HellaSwag examples (0 = all 10,042)."""
+    tasks_every: int = 0
+    """The downstream suite (eval.tasks: accuracy, centered accuracy, their CORE-style mean) every N steps and at
+    the end (0 = never)."""
+    tasks: str = "all"
+    """Downstream tasks for tasks_every, comma-separated (hellaswag, arc_easy, arc_challenge, piqa, winogrande,
+    copa, commonsense_qa, openbookqa, sciq, siqa, boolq, lambada) or all."""
+    tasks_dir: str = ""
+    """Local task data (DIR/TASK.jsonl|parquet|arrow or DIR/TASK/ in the hub's layout); empty = the hub (cached)."""
+    tasks_limit: int = 0
+    """Score only the first N rows of each task (0 = all)."""
     sample_every: int = 250
     """Print samples every N steps and at the end (0 = never)."""
     sample_prompt: str = "Hello, I'm a language model,"
@@ -434,7 +444,8 @@ def validate(config: Config) -> None:
             raise UserError(f"{key} must be positive, got {values[key]}")
     non_negative = ["optim.min_lr", "optim.warmup_steps", "optim.weight_decay", "optim.matrix_weight_decay",
                     "optim.grad_clip", "optim.muon_momentum_warmup_steps", "eval.val_every", "eval.val_tokens",
-                    "eval.hellaswag_every", "eval.hellaswag_limit", "eval.sample_every", "eval.sample_tokens",
+                    "eval.hellaswag_every", "eval.hellaswag_limit", "eval.tasks_every", "eval.tasks_limit",
+                    "eval.sample_every", "eval.sample_tokens",
                     "eval.num_samples", "checkpoint.every", "train.spike_zscore"]
     for key in non_negative:
         if values[key] is not None and values[key] < 0:

@@ -1,11 +1,21 @@
-"""``gpt2forge eval``: validation loss and/or HellaSwag of a model, as a table and JSON (``eval/evaluate.py``)."""
+"""``gpt2forge eval``: validation loss, HellaSwag, the downstream suite and/or lm-evaluation-harness tasks of a
+model, as a table and JSON (``eval/evaluate.py``, ``eval/tasks.py``, ``eval/harness.py``)."""
 
 from __future__ import annotations
 
 import argparse
 
+from ..errors import UserError
 from ..eval.evaluate import PRECISIONS, evaluate, format_table, results_path, write_results
 from . import MODEL_HELP, VOCAB_HELP, positive_int, token_count
+
+
+def task_file(text: str) -> tuple[str, str]:
+    """An argparse type: TASK=PATH."""
+    task, sep, path = text.partition("=")
+    if not sep or not task or not path:
+        raise argparse.ArgumentTypeError(f"expected TASK=PATH, got {text!r}")
+    return task.strip(), path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,6 +31,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="score only the first N HellaSwag rows (as eval.hellaswag_limit in a recipe)")
     parser.add_argument("--limit", dest="hellaswag_limit", type=positive_int, default=argparse.SUPPRESS,
                         help=argparse.SUPPRESS)  # old spelling
+    parser.add_argument("--tasks", metavar="LIST",
+                        help="downstream tasks, comma-separated, or all: hellaswag, arc_easy, arc_challenge, piqa, "
+                             "winogrande, copa, commonsense_qa, openbookqa, sciq, siqa, boolq, lambada (accuracy, "
+                             "centered accuracy, their CORE-style mean; data from the hub, cached, unless local)")
+    parser.add_argument("--tasks-dir", metavar="DIR",
+                        help="local task data, offline: DIR/TASK.jsonl|parquet|arrow or DIR/TASK/ with the split's "
+                             "files in the hub's layout")
+    parser.add_argument("--task-file", metavar="TASK=PATH", type=task_file, action="append", default=[],
+                        help="one task's local data file (repeatable); --hellaswag-file serves the hellaswag task")
+    parser.add_argument("--tasks-limit", type=positive_int, metavar="N",
+                        help="score only the first N rows of each task")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="sequences per forward pass (default 16)")
     parser.add_argument("--seq-len", type=positive_int, help="val sequence length (default: the model's context)")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, …")
@@ -38,7 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict:
     results = evaluate(
         args.model, data=args.data, val_tokens=args.val_tokens, hellaswag=args.hellaswag,
-        hellaswag_file=args.hellaswag_file, hellaswag_limit=args.hellaswag_limit, batch_size=args.batch_size,
+        hellaswag_file=args.hellaswag_file, hellaswag_limit=args.hellaswag_limit, tasks=args.tasks,
+        tasks_dir=args.tasks_dir, task_files=_task_files(args.task_file), tasks_limit=args.tasks_limit,
+        batch_size=args.batch_size,
         seq_len=args.seq_len, device=args.device, precision=args.precision, vocab_dir=args.vocab_dir,
         progress=not args.no_progress,
     )
@@ -51,3 +74,12 @@ def run(args: argparse.Namespace) -> dict:
         else:
             print("(not a gpt2forge checkpoint: results not saved; pass --out FILE to save them)")
     return results
+
+
+def _task_files(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    files = {}
+    for task, path in pairs:
+        if task in files:
+            raise UserError(f"--task-file {task}=… is given twice")
+        files[task] = path
+    return files

@@ -1,4 +1,5 @@
-"""``evaluate()``: validation loss and/or HellaSwag of a model, as a dict, a table, and a JSON file.
+"""``evaluate()``: validation loss (nats/token, bits/byte), HellaSwag and/or the downstream suite (``tasks.py``) of
+a model, as a dict, a table, and a JSON file.
 
 Where results go (``results_path``): ``eval.json`` in the checkpoint directory when the model is one of our
 checkpoints (a run directory resolves through its ``latest`` pointer), or ``--out FILE``. Other models (Hugging
@@ -54,6 +55,15 @@ def format_table(results: dict) -> str:
         if notes:
             shown = "; ".join(f"line {s['line']}: {s['reason']}" for s in h["skipped_rows"][:3])
             lines.append(f"           {', '.join(notes)}" + (f" (e.g. {shown})" if shown else ""))
+    if "tasks" in results:
+        from .tasks import format_results
+
+        lines += format_results(results["tasks"])
+        for name, r in results["tasks"]["tasks"].items():
+            if r["skipped"] or r["truncated"]:
+                shown = "; ".join(f"row {s['row']}: {s['reason']}" for s in r["skipped_rows"][:3])
+                lines.append(f"  {name}: {r['skipped']} rows skipped, {r['truncated']} contexts left-truncated"
+                             + (f" (e.g. {shown})" if shown else ""))
     return "\n".join(lines)
 
 
@@ -65,6 +75,10 @@ def evaluate(
     hellaswag: bool = False,
     hellaswag_file: str | os.PathLike | None = None,
     hellaswag_limit: int | None = None,
+    tasks: str | list[str] | None = None,
+    tasks_dir: str | os.PathLike | None = None,
+    task_files: dict[str, str] | None = None,
+    tasks_limit: int | None = None,
     batch_size: int = 16,
     seq_len: int | None = None,
     device: str = "auto",
@@ -72,8 +86,10 @@ def evaluate(
     vocab_dir: str | None = None,
     progress: bool = True,
 ) -> dict:
-    """Validation loss (``data``: a shard directory) and/or HellaSwag of ``model`` (checkpoint dir, run dir,
-    Hugging Face dir or hub name). Under ``torchrun`` every rank scores its share; all ranks get the results.
+    """Validation loss (``data``: a shard directory), HellaSwag and/or the downstream ``tasks`` (names, or ``a,b``;
+    data from ``task_files`` {task: path}, ``tasks_dir`` or the hub; ``tasks_limit`` rows each) of ``model``
+    (checkpoint dir, run dir, Hugging Face dir or hub name). Under ``torchrun`` every rank scores its share; all
+    ranks get the results.
     ``precision``: fp32, bf16 (autocast) or auto (bf16 on GPUs that compute it natively, fp32 elsewhere).
     ``progress``: bars over the batches on stderr (rank 0)."""
     import torch
@@ -81,6 +97,7 @@ def evaluate(
     from ..device import autocast_dtype, device_name, hardware_summary, library_versions, pick_device
     from ..weights import load_model, our_checkpoint
     from .hellaswag import evaluate_hellaswag, load_hellaswag
+    from .tasks import evaluate_suite, load_task, parse_task_names
 
     hellaswag = hellaswag or hellaswag_file is not None
     if precision not in PRECISIONS:
@@ -88,8 +105,17 @@ def evaluate(
     if hellaswag_limit is not None and not hellaswag:
         raise UserError("--hellaswag-limit counts HellaSwag rows: add --hellaswag (for the validation loss use "
                         "--val-tokens)")
-    if data is None and not hellaswag:
-        raise UserError("nothing to evaluate: pass --data DIR (validation loss) and/or --hellaswag")
+    task_names = parse_task_names(tasks) if tasks else []
+    task_files = dict(task_files or {})
+    if hellaswag_file is not None and "hellaswag" in task_names:
+        task_files.setdefault("hellaswag", hellaswag_file)
+    stray = sorted(set(task_files) - set(task_names))
+    if stray:
+        raise UserError(f"--task-file {stray[0]}=…: {stray[0]} is not among the --tasks being evaluated")
+    if (tasks_dir is not None or tasks_limit is not None) and not task_names:
+        raise UserError("--tasks-dir and --tasks-limit need --tasks (e.g. --tasks arc_easy,piqa or --tasks all)")
+    if data is None and not hellaswag and not task_names:
+        raise UserError("nothing to evaluate: pass --data DIR (validation loss), --hellaswag and/or --tasks LIST")
     if val_tokens is not None and data is None:
         raise UserError("--val-tokens needs --data DIR")
     rank, world_size, device, created_group = _init_distributed(pick_device(device))
@@ -120,6 +146,14 @@ def evaluate(
                 loaded, rows, device=device, batch_size=batch_size, autocast_dtype=autocast,
                 rank=rank, world_size=world_size, progress=progress,
             )
+        if task_names:
+            from ..tokenizer import get_tokenizer
+
+            suite = [load_task(name, file=task_files.get(name), tasks_dir=tasks_dir, limit=tasks_limit,
+                               tokenizer=get_tokenizer(vocab_dir)) for name in task_names]
+            results["tasks"] = evaluate_suite(loaded, suite, device=device, batch_size=batch_size,
+                                              autocast_dtype=autocast, rank=rank, world_size=world_size,
+                                              progress=progress)
         results["rank"] = rank
         return results
     finally:

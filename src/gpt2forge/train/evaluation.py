@@ -1,7 +1,9 @@
-"""What the training loop evaluates, and when: validation loss, HellaSwag and samples at their cadences.
+"""What the training loop evaluates, and when: validation loss (nats/token and bits/byte), HellaSwag, the
+downstream suite and samples at their cadences.
 
-Every rank takes part in the validation loss and HellaSwag (each scores its share, the results are summed), and
-both run on the compiled model, so the numbers are those of the model being trained and nothing recompiles.
+Every rank takes part in the validation loss, HellaSwag and the suite (each scores its share, the results are
+summed), and they run on the compiled model (the suite at one input length for all its tasks), so the numbers
+are those of the model being trained and nothing recompiles.
 Samples come from the uncompiled module on the main rank (KV-cached generation has a new shape every token).
 """
 
@@ -31,15 +33,25 @@ class InLoopEvaluation:
 
             e = config.eval
             self.hellaswag = load_hellaswag(e.hellaswag_file or None, limit=e.hellaswag_limit or None)
+        self.tasks = []
+        if config.eval.tasks_every:
+            from ..eval.tasks import load_task, parse_task_names
+
+            e = config.eval
+            files = {"hellaswag": e.hellaswag_file} if e.hellaswag_file else {}
+            self.tasks = [load_task(n, file=files.get(n), tasks_dir=e.tasks_dir or None, limit=e.tasks_limit or None,
+                                    offline_hint=f"--eval.tasks_dir=DIR (holding {n}/ or {n}.jsonl)")
+                          for n in parse_task_names(e.tasks, flag="eval.tasks")]
 
     def due(self, every: int, step: int) -> bool:
         """Whether a cadence of ``every`` steps (0 = never) falls on ``step`` or the last step of the run."""
         return bool(every) and (step % every == 0 or step == self.config.train.max_steps)
 
     def results(self, step: int) -> dict:
-        """Validation loss (nats/token and bits/byte) and HellaSwag, where due (all ranks call this), with a
-        progress bar on the main rank. ``val_tokens`` says how many tokens the loss was measured on (logged, not a
-        metrics column)."""
+        """Validation loss (nats/token and bits/byte), HellaSwag and the suite (its CORE-style mean, a metrics
+        column, and each task's accuracy, in the log and training_eval.json), where due (all ranks call this),
+        with a progress bar on the main rank. ``val_tokens`` says how many tokens the loss was measured on (logged,
+        not a metrics column)."""
         from ..eval.bpb import token_byte_lengths
         from ..eval.loss import evaluate_loss
 
@@ -61,6 +73,16 @@ class InLoopEvaluation:
                 world_size=p.world_size, progress=p.is_main,
             )
             results["hellaswag_acc"], results["hellaswag_acc_norm"] = out["acc"], out["acc_norm"]
+        if self.tasks and self.due(c.eval.tasks_every, step):
+            from ..eval.tasks import evaluate_suite
+
+            out = evaluate_suite(
+                self.train_model, self.tasks, one_length=True, device=p.device, batch_size=c.train.micro_batch_size,
+                autocast_dtype=self.autocast_dtype, block_size=self.model.config.block_size, rank=p.rank,
+                world_size=p.world_size, progress=p.is_main,
+            )
+            results["core"] = out["core"]
+            results.update({f"{name}_acc": r["accuracy"] for name, r in out["tasks"].items()})
         return results
 
     def samples(self, step: int) -> list[str]:
