@@ -42,6 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="one task's local data file (repeatable); --hellaswag-file serves the hellaswag task")
     parser.add_argument("--tasks-limit", type=positive_int, metavar="N",
                         help="score only the first N rows of each task")
+    parser.add_argument("--lm-eval", metavar="TASKS",
+                        help="lm-evaluation-harness tasks, comma-separated (e.g. arc_easy,lambada_openai), on this "
+                             "model as it is (any architecture; pip install 'gpt2forge[lm-eval]')")
+    parser.add_argument("--lm-eval-include", metavar="DIR", help="folder of extra lm-eval task YAMLs (local tasks)")
+    parser.add_argument("--lm-eval-limit", type=positive_int, metavar="N", help="lm-eval: first N documents per task")
+    parser.add_argument("--lm-eval-fewshot", type=int, metavar="K", help="lm-eval: few-shot examples (default: the "
+                                                                         "task's)")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="sequences per forward pass (default 16)")
     parser.add_argument("--seq-len", type=positive_int, help="val sequence length (default: the model's context)")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, …")
@@ -61,6 +68,8 @@ def run(args: argparse.Namespace) -> dict:
         args.model, data=args.data, val_tokens=args.val_tokens, hellaswag=args.hellaswag,
         hellaswag_file=args.hellaswag_file, hellaswag_limit=args.hellaswag_limit, tasks=args.tasks,
         tasks_dir=args.tasks_dir, task_files=_task_files(args.task_file), tasks_limit=args.tasks_limit,
+        lm_eval=args.lm_eval, lm_eval_include=args.lm_eval_include, lm_eval_limit=args.lm_eval_limit,
+        lm_eval_fewshot=args.lm_eval_fewshot,
         batch_size=args.batch_size,
         seq_len=args.seq_len, device=args.device, precision=args.precision, vocab_dir=args.vocab_dir,
         progress=not args.no_progress,

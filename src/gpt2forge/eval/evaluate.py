@@ -64,6 +64,15 @@ def format_table(results: dict) -> str:
                 shown = "; ".join(f"row {s['row']}: {s['reason']}" for s in r["skipped_rows"][:3])
                 lines.append(f"  {name}: {r['skipped']} rows skipped, {r['truncated']} contexts left-truncated"
                              + (f" (e.g. {shown})" if shown else ""))
+    if "lm_eval" in results:
+        for task, metrics in results["lm_eval"]["results"].items():
+            shown = []
+            for key, value in metrics.items():  # lm-eval's keys: "metric,filter"
+                name, _, filtered = key.partition(",")
+                if isinstance(value, float) and not name.endswith("_stderr"):
+                    error = metrics.get(f"{name}_stderr,{filtered}")
+                    shown.append(f"{name} {value:.4f}" + (f" ± {error:.4f}" if isinstance(error, float) else ""))
+            lines.append(f"lm-eval    {task}: " + "   ".join(shown))
     return "\n".join(lines)
 
 
@@ -79,6 +88,10 @@ def evaluate(
     tasks_dir: str | os.PathLike | None = None,
     task_files: dict[str, str] | None = None,
     tasks_limit: int | None = None,
+    lm_eval: str | None = None,
+    lm_eval_include: str | None = None,
+    lm_eval_limit: int | None = None,
+    lm_eval_fewshot: int | None = None,
     batch_size: int = 16,
     seq_len: int | None = None,
     device: str = "auto",
@@ -114,8 +127,11 @@ def evaluate(
         raise UserError(f"--task-file {stray[0]}=…: {stray[0]} is not among the --tasks being evaluated")
     if (tasks_dir is not None or tasks_limit is not None) and not task_names:
         raise UserError("--tasks-dir and --tasks-limit need --tasks (e.g. --tasks arc_easy,piqa or --tasks all)")
-    if data is None and not hellaswag and not task_names:
-        raise UserError("nothing to evaluate: pass --data DIR (validation loss), --hellaswag and/or --tasks LIST")
+    if (lm_eval_include or lm_eval_limit or lm_eval_fewshot is not None) and not lm_eval:
+        raise UserError("--lm-eval-include, --lm-eval-limit and --lm-eval-fewshot need --lm-eval TASKS")
+    if data is None and not hellaswag and not task_names and not lm_eval:
+        raise UserError("nothing to evaluate: pass --data DIR (validation loss), --hellaswag, --tasks LIST and/or "
+                        "--lm-eval TASKS")
     if val_tokens is not None and data is None:
         raise UserError("--val-tokens needs --data DIR")
     rank, world_size, device, created_group = _init_distributed(pick_device(device))
@@ -154,6 +170,16 @@ def evaluate(
             results["tasks"] = evaluate_suite(loaded, suite, device=device, batch_size=batch_size,
                                               autocast_dtype=autocast, rank=rank, world_size=world_size,
                                               progress=progress)
+        if lm_eval:
+            if world_size > 1:
+                raise UserError("--lm-eval runs in one process: start it without torchrun")
+            from .harness import run_lm_eval
+
+            out = run_lm_eval(model, lm_eval, include=lm_eval_include, limit=lm_eval_limit,
+                              num_fewshot=lm_eval_fewshot, device=device, batch_size=batch_size,
+                              precision=precision, vocab_dir=vocab_dir)
+            results["lm_eval"] = {"tasks": lm_eval, "limit": lm_eval_limit, "results": out["results"],
+                                  "n-shot": out.get("n-shot"), "versions": out.get("versions")}
         results["rank"] = rank
         return results
     finally:
