@@ -13,12 +13,13 @@ LAYERS = [
     {"train", "eval", "sample"},
     {"optim", "data", "weights", "hf", "runs"},
     {"config"},
-    {"models", "tokenizer"},
+    {"models", "tokenizer", "hf_remote"},
     {"files", "errors", "device", "progress"},
 ]
 SIDEWAYS = {("train", "eval"), ("train", "sample"), ("weights", "hf"), ("weights", "runs"),  # allowed within a layer
+            ("eval", "sample"),  # the lm-eval adapter generates through sample.stream
             ("cli", "commands"), ("__main__", "commands")}
-ISOLATED = {"models"}  # imports nothing else of the package
+ISOLATED = {"models", "hf_remote"}  # import nothing else of the package (hf_remote: shipped with exports)
 
 
 def layer_of(unit: str) -> int:

@@ -249,13 +249,6 @@ def test_weights_round_trip(tmp_path, tie):
     assert torch.equal(loaded(idx)[0], model(idx)[0])
 
 
-def test_hugging_face_export_is_refused(tmp_path):
-    from gpt2forge.hf import export_hf
-
-    with pytest.raises(UserError, match="architecture is 'modern'"):
-        export_hf(model_of(small()), tmp_path / "hf")
-
-
 # ---------------------------------------------------------------------------------------- registry and config
 def test_registry_builds_and_refuses_unknown_fields():
     config = make_config("modern", "tiny", n_layer=2)

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> None:
     target = args.to or ("hf" if args.command == "export" or our_checkpoint(source) else "gpt2forge")
     if target == "hf":
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.weights_dtype]
-        out = export_hf(model, destination, dtype=dtype, vocab_dir=args.vocab_dir)
+        out = export_hf(model, destination, dtype=dtype, vocab_dir=args.vocab_dir, card=card_facts(source))
     else:
         out = Path(destination)
         if out.exists() and any(out.iterdir()):
@@ -60,3 +60,39 @@ def run(args: argparse.Namespace) -> None:
         out.mkdir(parents=True, exist_ok=True)
         save_model(model, out)
     print(f"wrote {out} ({target} format, {model.num_params():,} parameters)")
+
+
+def card_facts(source: str) -> dict:
+    """What the model card reports of one of our checkpoints: run name, step and tokens, the resolved recipe and
+    its data, and the scores measured on it (eval.json from `gpt2forge eval`, else the training loop's last)."""
+    import json
+
+    from ..config import tomllib
+    from ..runs import RUN_CONFIG, training_position
+    from ..weights import our_checkpoint
+
+    checkpoint = our_checkpoint(source)
+    if checkpoint is None:
+        return {"name": Path(source).name}
+    step, tokens = training_position(checkpoint)
+    facts = {"name": checkpoint.parent.name, "step": step, "tokens": tokens}
+    if (checkpoint / RUN_CONFIG).is_file():
+        recipe = (checkpoint / RUN_CONFIG).read_text()
+        config = tomllib.loads(recipe)
+        facts.update(recipe=recipe, recipe_name=config.get("name") or "unnamed",
+                     data=config.get("data", {}).get("dir", "unknown"))
+    scores = {}
+    for name in ("training_eval.json", "eval.json"):  # eval.json's numbers win
+        path = checkpoint / name
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            scores.update({k: v for k, v in saved.items() if isinstance(v, float)})
+            if "val" in saved:
+                scores.update({"val_loss": saved["val"]["loss"], "val_bpb": saved["val"].get("bpb")})
+            if "hellaswag" in saved:
+                scores["hellaswag_acc_norm"] = saved["hellaswag"]["acc_norm"]
+            if "tasks" in saved:
+                scores["core"] = saved["tasks"]["core"]
+                scores.update({f"{t}_{r['metric']}": r["accuracy"] for t, r in saved["tasks"]["tasks"].items()})
+    facts["scores"] = {k: v for k, v in scores.items() if v is not None and k not in ("step", "tokens")}
+    return facts
