@@ -329,11 +329,11 @@ def test_step_on_the_x_axis_on_request(tmp_path, capsys, monkeypatch):
     assert {ax.get_xlabel() for ax in panels.values()} == {"step"}
     assert line(panels["loss"], "run val").get_xdata().tolist() == [0, 100, 200]
 
-    from gpt2forge.eval import report
+    from gpt2forge.eval.report import figure as report_figure
 
     drawn = []
-    original = report.build_figure
-    monkeypatch.setattr(report, "build_figure", lambda runs, x=None: drawn.append(x) or original(runs, x))
+    original = report_figure.build_figure
+    monkeypatch.setattr(report_figure, "build_figure", lambda runs, x=None: drawn.append(x) or original(runs, x))
     assert main(["report", str(run), "--x", "step"]) == 0
     assert drawn == ["step"] and "report.png" in capsys.readouterr().out
     with pytest.raises(UserError, match="x must be one of"):
