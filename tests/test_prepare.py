@@ -14,9 +14,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import gpt2forge.data.output as output_module
 import gpt2forge.data.prepare as prepare_module
 from gpt2forge.cli import main
-from gpt2forge.data.prepare import Settings, prepare
+from gpt2forge.data.manifest import Settings
+from gpt2forge.data.prepare import prepare
 from gpt2forge.data.shards import file_sha256, open_shard, read_header
 from gpt2forge.data.sources import EmbeddedSource, FileSource, HubSource, embedded_documents
 from gpt2forge.errors import UserError
@@ -201,7 +203,7 @@ def test_crash_mid_write_then_resume_and_a_rebuilt_corrupt_shard(tmp_path, parqu
                        progress=False, **options)
 
     run(tmp_path / "clean")
-    real_write, calls = prepare_module.write_shard, []
+    real_write, calls = output_module.write_shard, []
 
     def failing_write(path, tokens):
         calls.append(path)
@@ -210,10 +212,10 @@ def test_crash_mid_write_then_resume_and_a_rebuilt_corrupt_shard(tmp_path, parqu
             raise OSError("disk on fire")
         return real_write(path, tokens)
 
-    monkeypatch.setattr(prepare_module, "write_shard", failing_write)
+    monkeypatch.setattr(output_module, "write_shard", failing_write)
     with pytest.raises(OSError, match="disk on fire"):
         run(tmp_path / "out")
-    monkeypatch.setattr(prepare_module, "write_shard", real_write)
+    monkeypatch.setattr(output_module, "write_shard", real_write)
     assert len(json.loads((tmp_path / "out" / "manifest.json").read_text())["shards"]) == 3
     run(tmp_path / "out")
     assert files_of(tmp_path / "out") == files_of(tmp_path / "clean")

@@ -23,8 +23,9 @@ def quickstart(data_dir: str, out_dir: str, steps: int | None = None, workers: i
     and the unigram baseline on the run's own validation tokens (``eval.val_tokens``): the numbers the training
     log printed, the report plots and ``gpt2forge eval --val-tokens`` gives are of the same tokens."""
     from .config import load_config
+    from .data.flags import EMBEDDED_SHARD_SIZE, EMBEDDED_VAL_TOKENS
     from .data.loader import val_batches
-    from .data.prepare import EMBEDDED_SHARD_SIZE, EMBEDDED_VAL_TOKENS, prepare
+    from .data.prepare import prepare
     from .data.sources import EmbeddedSource
     from .eval.baseline import unigram_loss
     from .eval.loss import evaluate_loss

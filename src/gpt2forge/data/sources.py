@@ -36,7 +36,6 @@ from ..errors import UserError
 
 FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".ndjson": "json", ".txt": "text"}
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
-TXT_UNITS = ("document", "paragraph", "line")
 READ_ROWS = 256  # rows per Arrow table read: small enough that skipping and memory stay cheap
 EMBEDDED_SKIP_DIRS = {"test", "tests", "idle_test", "__pycache__", "site-packages", "dist-packages"}
 

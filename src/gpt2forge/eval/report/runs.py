@@ -158,7 +158,7 @@ def describe_source(source: dict) -> tuple[str, str | None]:
 def run_data(run: Run, baseline: bool = True) -> DataInfo | None:
     """The run's data as its config and the data directory tell; with ``baseline``, the corpus's unigram baseline
     on the run's val tokens wherever no published reference applies and the data can be read."""
-    from ...data.shards import read_manifest
+    from ...data.manifest import read_manifest
 
     if run.config_toml is None:
         return None
