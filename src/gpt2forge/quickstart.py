@@ -63,5 +63,5 @@ def quickstart(data_dir: str, out_dir: str, steps: int | None = None, workers: i
     log.info("4/4 samples from %s:", result.run_dir)
     for i, text in enumerate(generate_text(model, get_tokenizer(), "The", num_samples=2, max_new_tokens=40, seed=1)):
         log.info("--- sample %d ---\nThe%s", i + 1, text)
-    log.info("\nnext: gpt2forge sample --model %s --prompt '...'; the real run: see README.md", result.run_dir)
+    log.info("\nnext: `gpt2forge sample --model %s --prompt '...'`; the real run: see README.md", result.run_dir)
     return {"val_loss": val_loss, "unigram_loss": baseline, "run_dir": result.run_dir}

@@ -100,7 +100,7 @@ def prepare_line(*args: str) -> str:
     """``gpt2forge prepare ARGS`` as a shell line; an option the table does not know is a bug, caught here."""
     unknown = [a for a in args if a.startswith("--") and a.split("=")[0] not in BY_OPTION]
     if unknown:
-        raise AssertionError(f"gpt2forge prepare has no option {', '.join(unknown)}")
+        raise AssertionError(f"not an option of gpt2forge prepare: {', '.join(unknown)}")
     return " ".join(a if a.startswith("FILES...") else shlex.quote(a) for a in (*PROGRAM, *args))
 
 

@@ -147,7 +147,9 @@ def write_verify_failures(directory: str | os.PathLike, manifest: dict, failures
     try:
         if failures:
             shards = {name: {"problem": problem, "sha256": sha256[name]} for name, problem in failures.items()}
-            atomic_write_json(path, {"written_by": "gpt2forge prepare --verify", "shards": shards})
+            from .flags import prepare_line  # it names the manifest file: imported here, not at the top
+
+            atomic_write_json(path, {"written_by": prepare_line("--verify", str(directory)), "shards": shards})
         else:
             path.unlink(missing_ok=True)
     except OSError:
