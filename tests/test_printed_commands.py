@@ -211,3 +211,14 @@ def test_trains_resume_command_parses(monkeypatch, tmp_path):
 def test_every_prepare_flag_is_an_option_of_the_parser():
     options = {a.option_strings[0] for a in build_parser("prepare")._actions if a.option_strings}
     assert {flag.option for flag in FLAGS} <= options
+
+
+def test_the_quickstart_recipes_without_their_data_name_the_offline_command(tmp_path, monkeypatch, capsys):
+    from gpt2forge.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the recipes' data.dir, data/embedded, does not exist here
+    for recipe in ("quickstart", "quickstart-modern"):
+        assert main(["train", "--config", recipe, "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert "`gpt2forge prepare --embedded --out data/embedded`" in err and "gpt2forge quickstart" in err
+        assert "download" not in err
