@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ...errors import UserError
 from .figure import build_figure, pick_x, render_png
 from .markdown import render_markdown
 from .references import REFERENCES, Reference
@@ -35,16 +36,20 @@ __all__ = ["REFERENCES", "X_LABELS", "Reference", "Run", "build_figure", "load_r
 
 
 def write_report(
-    run: str | os.PathLike, compare: str | os.PathLike | None = None, *, x: str | None = None
+    run: str | os.PathLike, compare: str | os.PathLike | list | None = None, *, x: str | None = None,
+    out: str | os.PathLike | None = None,
 ) -> tuple[Path, Path]:
-    """Write ``report.png`` and ``report.md`` beside the run's metrics.csv (``run`` is its directory or the file
-    itself); ``compare`` overlays another run or metrics.csv; ``x`` is "tokens" (the default where logged) or
-    "step"."""
+    """Write ``report.png`` and ``report.md`` into ``out`` (created if needed; default: beside the run's
+    metrics.csv; ``run`` is its directory or the file itself); ``compare`` overlays other runs or metrics.csv
+    files (one path or a list); ``x`` is "tokens" (the default where logged) or "step"."""
     runs = load_runs(run, compare)
     pick_x(runs, x)  # a bad choice fails before the data is read
     for r in runs:
         r.data = run_data(r)
-    out_dir = runs[0].metrics_path.parent
+    out_dir = runs[0].metrics_path.parent if out is None else Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file: give a directory (report.png and report.md go into it)")
+    out_dir.mkdir(parents=True, exist_ok=True)
     png, md = out_dir / "report.png", out_dir / "report.md"
     notes = render_png(runs, png, x)
     md.write_text(render_markdown(runs, png.name, notes))

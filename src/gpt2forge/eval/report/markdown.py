@@ -59,7 +59,8 @@ def render_markdown(runs: list[Run], png_name: str, notes: list[str]) -> str:
     lines = [
         f"# Run report: {runs[0].name}",
         "",
-        f"From `{runs[0].metrics_path}`" + (f", compared with `{runs[1].metrics_path}`" if len(runs) > 1 else "")
+        f"From `{runs[0].metrics_path}`"
+        + (", compared with " + ", ".join(f"`{r.metrics_path}`" for r in runs[1:]) if len(runs) > 1 else "")
         + f"; generated {datetime.now(timezone.utc).isoformat(timespec='seconds')}.",
         "",
         f"![training curves]({png_name})",

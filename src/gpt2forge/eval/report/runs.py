@@ -253,10 +253,18 @@ def human(n: float) -> str:
     return f"{n:.3g}"
 
 
-def load_runs(run: str | os.PathLike, compare: str | os.PathLike | None = None) -> list[Run]:
-    """The run, and the one to compare with (named apart where both directories have the same name)."""
-    runs = [load_run(run)] + ([load_run(compare)] if compare is not None else [])
-    if len(runs) > 1 and runs[1].name == runs[0].name:
-        runs[1].name += " (compared)"
-    return runs
+def load_runs(run: str | os.PathLike, compare: str | os.PathLike | list | tuple | None = None) -> list[Run]:
+    """The run, and the ones to compare with (one path or several), named apart where directories share a name."""
+    from .style import RUN_STYLES
 
+    compare = [] if compare is None else [compare] if isinstance(compare, (str, os.PathLike)) else list(compare)
+    if 1 + len(compare) > len(RUN_STYLES):
+        raise UserError(f"a report draws at most {len(RUN_STYLES)} runs (the run and {len(RUN_STYLES) - 1} "
+                        f"--compare), got {1 + len(compare)}")
+    runs = [load_run(run)] + [load_run(other) for other in compare]
+    names = {runs[0].name}
+    for i, other in enumerate(runs[1:], start=1):
+        if other.name in names:
+            other.name += " (compared)" if len(runs) == 2 else f" (compared {i})"
+        names.add(other.name)
+    return runs

@@ -7,10 +7,12 @@ import numpy as np
 
 from .runs import Run
 
-# Per run (this one, the compared one): a hue family, and a line style that tells them apart in grey too.
+# Per run (this one, then each compared one): a hue family, and a line style that tells them apart in grey too.
 RUN_STYLES = (
     {"train": "#1f77b4", "val": "#ff7f0e", "linestyle": "-"},  # blue / orange
     {"train": "#2ca02c", "val": "#9467bd", "linestyle": "--"},  # green / purple
+    {"train": "#17becf", "val": "#e377c2", "linestyle": "-."},  # cyan / pink
+    {"train": "#bcbd22", "val": "#7f7f7f", "linestyle": ":"},  # olive / grey
 )
 REFERENCE_STYLES = ({"color": "#333333", "linestyle": (0, (5, 2))}, {"color": "#888888", "linestyle": (0, (2, 2))})
 BASELINE_STYLE = {"color": "#8c564b", "linestyle": "-."}
