@@ -89,6 +89,7 @@ def prepare(
         prefix=prefix,
         tokenizer=tokenizer_description(),
     )
+    created = not out.exists()
     manifest, broken = open_output(out, settings, overwrite, verify=verify)
     if manifest["complete"] and not broken:
         _nothing_to_do(manifest, out, verify)
@@ -114,6 +115,8 @@ def prepare(
         tokenize_into(cutter, writer.write, source, settings, start, workers=workers, vocab_dir=vocab_dir,
                       progress=progress, out=out, total=max_tokens, initial=done)
         writer.wait()
+        if not manifest["shards"]:
+            raise _no_documents(source, settings, out, created)
         manifest["complete"] = True
         try:
             save_or_explain(manifest, out)
@@ -125,6 +128,17 @@ def prepare(
     write_verify_failures(out, manifest, {})  # an older record of broken shards is void now
     _summary(manifest, out)
     return manifest
+
+
+def _no_documents(source: Source, settings: Settings, out: Path, created: bool) -> UserError:
+    """The source gave no document: say so, naming it, instead of writing an empty dataset (an ``--out`` this
+    call created is removed again)."""
+    if created:
+        with contextlib.suppress(OSError):
+            out.rmdir()  # only if empty
+    kept = f", or none has {settings.score_column} ≥ {settings.min_score:g} (--min-score)" if settings.min_score is not None else ""
+    return UserError(f"{source.label} holds no documents: it has no rows, or every {settings.text_column!r} value is "
+                     f"empty or null{kept}. Nothing was written to {out}; check the input (and --text-column)")
 
 
 def _nothing_to_do(manifest: dict, out: Path, verify: bool) -> None:
