@@ -41,8 +41,8 @@ import numpy as np
 
 from gpt2forge.bench.measure import QUIET_CORES, busy_seconds
 from gpt2forge.cli import positive_int
-from gpt2forge.data.prepare import TOKEN_DTYPE, prepare
-from gpt2forge.data.shards import open_shard, write_shard
+from gpt2forge.data.prepare import prepare
+from gpt2forge.data.shards import TOKEN_DTYPE, open_shard, write_shard
 from gpt2forge.data.sources import FileSource, embedded_documents
 from gpt2forge.device import hardware_summary, library_versions
 from gpt2forge.files import atomic_write_json, atomic_write_text

@@ -259,7 +259,8 @@ def main() -> int:
     else:
         data = args.data or Path("data/embedded")
         if not data.is_dir():
-            from gpt2forge.data.prepare import EMBEDDED_SHARD_SIZE, EMBEDDED_VAL_TOKENS, prepare
+            from gpt2forge.data.flags import EMBEDDED_SHARD_SIZE, EMBEDDED_VAL_TOKENS
+            from gpt2forge.data.prepare import prepare
             from gpt2forge.data.sources import EmbeddedSource
 
             prepare(EmbeddedSource(), data, shard_size=EMBEDDED_SHARD_SIZE, val_tokens=EMBEDDED_VAL_TOKENS,

@@ -17,12 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import gpt2forge.data.prepare as prepare_module
-import gpt2forge.data.shards as shards_module
+import gpt2forge.data.datadir as datadir_module
+import gpt2forge.data.output as output_module
+import gpt2forge.data.tokenize as tokenize_module
 from gpt2forge.cli import main
+from gpt2forge.data.datadir import check_data_dir
 from gpt2forge.data.loader import TokenLoader, find_shards, val_batches
-from gpt2forge.data.prepare import prepare, verify
-from gpt2forge.data.shards import ShardError, check_data_dir, write_shard
+from gpt2forge.data.prepare import prepare
+from gpt2forge.data.repair import verify
+from gpt2forge.data.shards import ShardError, open_shard, write_shard
 from gpt2forge.data.sources import FileSource, embedded_documents
 from gpt2forge.errors import UserError
 
@@ -92,7 +95,7 @@ def command_in(message: str) -> str:
 def test_interrupted_prepare_is_refused_with_the_command_that_finishes_it(corpus, clean, tmp_path, monkeypatch,
                                                                          capsys):
     out = tmp_path / "data"
-    real_write, calls = prepare_module.write_shard, []
+    real_write, calls = output_module.write_shard, []
 
     def interrupted_write(path, tokens):
         calls.append(path)
@@ -100,10 +103,10 @@ def test_interrupted_prepare_is_refused_with_the_command_that_finishes_it(corpus
             raise KeyboardInterrupt  # Ctrl-C while the 4th shard is written
         return real_write(path, tokens)
 
-    monkeypatch.setattr(prepare_module, "write_shard", interrupted_write)
+    monkeypatch.setattr(output_module, "write_shard", interrupted_write)
     with pytest.raises(KeyboardInterrupt):
         run_prepare(corpus, out)
-    monkeypatch.setattr(prepare_module, "write_shard", real_write)
+    monkeypatch.setattr(output_module, "write_shard", real_write)
     assert not manifest_of(out)["complete"] and len(names(out)) == 3
 
     for attempt in (lambda: TokenLoader(out, 2, T), lambda: val_batches(out, 2, T), lambda: find_shards(out, "val")):
@@ -142,7 +145,8 @@ def test_missing_truncated_and_verify_found_shards_are_refused_naming_them(prepa
     data[-1] ^= 1
     corrupt.write_bytes(bytes(data))
     verify(prepared)
-    with pytest.raises(ShardError, match=rf"{shard[5]}: sha256 differs .* \(found by `gpt2forge prepare --verify`\)"):
+    found_by = rf"\(found by `gpt2forge prepare --verify {prepared}`\)"
+    with pytest.raises(ShardError, match=rf"{shard[5]}: sha256 differs .* {found_by}"):
         TokenLoader(prepared, 2, T)
 
 
@@ -193,7 +197,7 @@ def test_token_ids_beyond_the_vocabulary_are_refused_from_the_manifest(prepared,
     def no_scan(path):
         raise AssertionError(f"scanned {path}: the manifest records max_token")
 
-    monkeypatch.setattr(shards_module, "shard_max_token", no_scan)
+    monkeypatch.setattr(datadir_module, "shard_max_token", no_scan)
     TokenLoader(prepared, 2, T, vocab_size=50257)
     TokenLoader(prepared, 2, T, vocab_size=50304)
     with pytest.raises(UserError) as refused:
@@ -225,8 +229,8 @@ def test_token_ids_beyond_the_vocabulary_are_found_by_a_scan_without_max_token(t
         del entry["max_token"]
     (prepared / "manifest.json").write_text(json.dumps(manifest))
     scanned = []
-    real_scan = shards_module.shard_max_token
-    monkeypatch.setattr(shards_module, "shard_max_token", lambda path: scanned.append(path.name) or real_scan(path))
+    real_scan = datadir_module.shard_max_token
+    monkeypatch.setattr(datadir_module, "shard_max_token", lambda path: scanned.append(path.name) or real_scan(path))
     TokenLoader(prepared, 2, T, vocab_size=50257)
     assert scanned == names(prepared)[1:]  # the train split's shards
     with pytest.raises(UserError, match=rf"{first_eot} holds token id 50,256"):
@@ -294,7 +298,7 @@ def test_a_plain_rerun_checks_sizes_and_verify_true_checks_every_byte(prepared, 
 
 def test_a_repair_from_a_changed_source_is_refused_and_touches_nothing(prepared, corpus, tmp_path):
     """A source edited since (same size, so the settings cannot tell) would give a dataset mixing two versions."""
-    tokens = np.concatenate([np.asarray(shards_module.open_shard(prepared / name)) for name in names(prepared)])
+    tokens = np.concatenate([np.asarray(open_shard(prepared / name)) for name in names(prepared)])
     in_shard_1 = int((tokens[:2000] == 50256).sum())  # the document holding token 2000, in shard 1 (1000..2499)
     lines = corpus.read_text(encoding="utf-8").splitlines(keepends=True)
     assert "a" in lines[in_shard_1]
@@ -379,7 +383,7 @@ def test_unwritable_or_wrong_output_paths_are_one_clear_message(corpus, tmp_path
     def no_workers(*_, **__):
         raise AssertionError("tokenizing started before the output was found unwritable")
 
-    monkeypatch.setattr(prepare_module, "start_pool", no_workers)
+    monkeypatch.setattr(tokenize_module, "start_pool", no_workers)
     real_open = open
 
     def unwritable(path, mode="r", *rest, **kwargs):  # root ignores permissions: simulate what a user would meet

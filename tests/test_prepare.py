@@ -14,9 +14,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import gpt2forge.data.output as output_module
 import gpt2forge.data.prepare as prepare_module
 from gpt2forge.cli import main
-from gpt2forge.data.prepare import Settings, prepare
+from gpt2forge.data.manifest import Settings
+from gpt2forge.data.prepare import prepare
 from gpt2forge.data.shards import file_sha256, open_shard, read_header
 from gpt2forge.data.sources import EmbeddedSource, FileSource, HubSource, embedded_documents
 from gpt2forge.errors import UserError
@@ -201,7 +203,7 @@ def test_crash_mid_write_then_resume_and_a_rebuilt_corrupt_shard(tmp_path, parqu
                        progress=False, **options)
 
     run(tmp_path / "clean")
-    real_write, calls = prepare_module.write_shard, []
+    real_write, calls = output_module.write_shard, []
 
     def failing_write(path, tokens):
         calls.append(path)
@@ -210,10 +212,10 @@ def test_crash_mid_write_then_resume_and_a_rebuilt_corrupt_shard(tmp_path, parqu
             raise OSError("disk on fire")
         return real_write(path, tokens)
 
-    monkeypatch.setattr(prepare_module, "write_shard", failing_write)
+    monkeypatch.setattr(output_module, "write_shard", failing_write)
     with pytest.raises(OSError, match="disk on fire"):
         run(tmp_path / "out")
-    monkeypatch.setattr(prepare_module, "write_shard", real_write)
+    monkeypatch.setattr(output_module, "write_shard", real_write)
     assert len(json.loads((tmp_path / "out" / "manifest.json").read_text())["shards"]) == 3
     run(tmp_path / "out")
     assert files_of(tmp_path / "out") == files_of(tmp_path / "clean")
@@ -340,3 +342,31 @@ def test_count_option_accepts_suffixes():
         1000, 100_000, 10**8, 250_000, 10**8, 10**10]
     with pytest.raises(argparse.ArgumentTypeError):
         token_count("lots")
+
+
+@pytest.mark.parametrize("kind", ["jsonl no rows", "jsonl empty and null texts", "parquet no rows",
+                                  "parquet empty and null texts", "parquet all filtered out"])
+def test_an_input_without_documents_is_refused_naming_it(tmp_path, capsys, kind):
+    """No rows at all, or only empty/null texts: one line naming the input, exit 2, and no empty dataset written."""
+    if kind.startswith("jsonl"):
+        path = tmp_path / "docs.jsonl"
+        if kind == "jsonl no rows":
+            path.write_text("\n")  # not 0 bytes (refused earlier as "is empty"), but no row
+        else:
+            path.write_text('{"text": ""}\n{"text": null}\n{"text": ""}\n')
+    else:
+        path = tmp_path / "docs.parquet"
+        texts = {"parquet no rows": [], "parquet empty and null texts": ["", None, ""],
+                 "parquet all filtered out": ["kept only with a score of 5 or more"]}[kind]
+        pq.write_table(pa.table({"text": pa.array(texts, pa.string()), "int_score": pa.array([1] * len(texts))}), path)
+    out = tmp_path / "out"
+    extra = ["--min-score", "5"] if kind == "parquet all filtered out" else []
+    code = main(["prepare", "--files", str(path), *extra, "--out", str(out), "--no-progress", "--workers", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{path} holds no documents" in err and "Traceback" not in err, err
+    assert ("int_score ≥ 5 (--min-score)" in err) == bool(extra)
+    assert not out.exists()  # nothing written: not even the directory this run created
+
+    out.mkdir()  # an existing --out is left as it was
+    assert main(["prepare", "--files", str(path), *extra, "--out", str(out), "--no-progress", "--workers", "1"]) == 2
+    assert "holds no documents" in capsys.readouterr().err and list(out.iterdir()) == []

@@ -329,11 +329,11 @@ def test_step_on_the_x_axis_on_request(tmp_path, capsys, monkeypatch):
     assert {ax.get_xlabel() for ax in panels.values()} == {"step"}
     assert line(panels["loss"], "run val").get_xdata().tolist() == [0, 100, 200]
 
-    from gpt2forge.eval import report
+    from gpt2forge.eval.report import figure as report_figure
 
     drawn = []
-    original = report.build_figure
-    monkeypatch.setattr(report, "build_figure", lambda runs, x=None: drawn.append(x) or original(runs, x))
+    original = report_figure.build_figure
+    monkeypatch.setattr(report_figure, "build_figure", lambda runs, x=None: drawn.append(x) or original(runs, x))
     assert main(["report", str(run), "--x", "step"]) == 0
     assert drawn == ["step"] and "report.png" in capsys.readouterr().out
     with pytest.raises(UserError, match="x must be one of"):
@@ -365,3 +365,29 @@ def test_compare_names_both_runs_in_distinct_colours(tmp_path):
     assert line(loss, "b train").get_linestyle() != line(loss, "a train").get_linestyle()
     assert {"a", "b"} <= set(labels(panels["learning rate schedule"]))
     assert fig._suptitle.get_text().startswith("a vs b")
+
+
+def test_several_compared_runs_and_a_report_written_elsewhere(tmp_path, capsys):
+    for name, scale in (("a", 1.0), ("b", 1.02), ("c", 1.04)):
+        write_metrics(tmp_path / name, synthetic_run(tmp_path / name, scale=scale))
+    write_metrics(tmp_path / "other" / "a", synthetic_run(tmp_path / "other" / "a", scale=1.06))  # same name as a
+    out = tmp_path / "reports" / "abc"
+    args = ["report", str(tmp_path / "a"), "--compare", str(tmp_path / "b"), "--compare", str(tmp_path / "c"),
+            str(tmp_path / "other" / "a"), "--out", str(out)]
+    assert main(args) == 0
+    assert f"wrote {out / 'report.png'}" in capsys.readouterr().out
+    assert not (tmp_path / "a" / "report.png").exists()
+    text = (out / "report.md").read_text()
+    assert "| | a | b | c | a (compared 3) |" in text
+    assert all(f"`{tmp_path / name / 'metrics.csv'}`" in text for name in ("b", "c", "other/a"))
+
+    panels, fig, _ = figure(tmp_path / "a", [tmp_path / "b", tmp_path / "c", tmp_path / "other" / "a"])
+    trains = [line(panels["loss"], f"{name} train") for name in ("a", "b", "c", "a (compared 3)")]
+    assert len({(t.get_color(), t.get_linestyle()) for t in trains}) == 4  # each run its own colour and dashes
+    assert fig._suptitle.get_text().startswith("a vs b vs c vs a (compared 3)")
+
+    five = ["report", str(tmp_path / "a"), "--compare", *(str(tmp_path / n) for n in ("b", "c", "b", "c"))]
+    assert main(five) == 2 and "at most 4 runs (the run and 3 --compare), got 5" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert main(["report", str(tmp_path / "a"), "--out", str(tmp_path / "file")]) == 2
+    assert "--out" in capsys.readouterr().err

@@ -56,6 +56,19 @@ def free_space(path: str | os.PathLike) -> int | None:
     return None
 
 
+def umask() -> int:
+    """This process's umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def as_if_opened(path: str | os.PathLike) -> None:
+    """Give a file the permissions a plain ``open`` would (0666 & ~umask): writers that make files 0600
+    (safetensors, mkstemp) would leave them unreadable to colleagues on a shared filesystem."""
+    os.chmod(path, 0o666 & ~umask())
+
+
 def fsync_dir(directory: str | os.PathLike) -> None:
     """Make a rename inside ``directory`` durable (a no-op where directories cannot be opened)."""
     try:

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
+from .files import as_if_opened, umask
 from .models import ModelConfig, make_config, tied_weights
 from .models.gpt2 import GPT, GPTConfig
 from .tokenizer import EOT_TOKEN, get_tokenizer
@@ -274,10 +275,9 @@ def export_hf(model, out_dir: str | os.PathLike, dtype: torch.dtype = torch.floa
         (tmp / "README.md").write_text(model_card(model, config, card or {}))
         # mkdtemp makes the directory 0700 and safetensors writes 0600 files: readable by their owner only, not by
         # colleagues on a shared filesystem. Give them what a plain mkdir and open would: 0777 / 0666 & ~umask.
-        umask = _umask()
         for path in tmp.iterdir():
-            os.chmod(path, 0o666 & ~umask)
-        os.chmod(tmp, 0o777 & ~umask)
+            as_if_opened(path)
+        os.chmod(tmp, 0o777 & ~umask())
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -285,13 +285,6 @@ def export_hf(model, out_dir: str | os.PathLike, dtype: torch.dtype = torch.floa
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _umask() -> int:
-    """This process's umask (reading it means setting it: set it straight back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _write_tokenizer(directory: Path, max_length: int, vocab_dir: str | None) -> None:

@@ -23,8 +23,9 @@ def quickstart(data_dir: str, out_dir: str, steps: int | None = None, workers: i
     and the unigram baseline on the run's own validation tokens (``eval.val_tokens``): the numbers the training
     log printed, the report plots and ``gpt2forge eval --val-tokens`` gives are of the same tokens."""
     from .config import load_config
+    from .data.flags import EMBEDDED_SHARD_SIZE, EMBEDDED_VAL_TOKENS
     from .data.loader import val_batches
-    from .data.prepare import EMBEDDED_SHARD_SIZE, EMBEDDED_VAL_TOKENS, prepare
+    from .data.prepare import prepare
     from .data.sources import EmbeddedSource
     from .eval.baseline import unigram_loss
     from .eval.bpb import bits_per_byte, token_byte_lengths
@@ -66,5 +67,5 @@ def quickstart(data_dir: str, out_dir: str, steps: int | None = None, workers: i
     log.info("4/4 samples from %s:", result.run_dir)
     for i, text in enumerate(generate_text(model, get_tokenizer(), "The", num_samples=2, max_new_tokens=40, seed=1)):
         log.info("--- sample %d ---\nThe%s", i + 1, text)
-    log.info("\nnext: gpt2forge sample --model %s --prompt '...'; the real run: see README.md", result.run_dir)
+    log.info("\nnext: `gpt2forge sample --model %s --prompt '...'`; the real run: see README.md", result.run_dir)
     return {"val_loss": val_loss, "val_bpb": scored["bpb"], "unigram_loss": baseline, "run_dir": result.run_dir}

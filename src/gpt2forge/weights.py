@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
+from .files import as_if_opened
 from .hf import read_hf_model
 from .models import ModelConfig, Runtime, build_model, config_from_dict, tied_weights
 from .runs import LATEST, resolve_checkpoint_dir
@@ -28,11 +29,14 @@ CONFIG_KEY = "gpt2forge.model_config"
 
 
 def save_weights(state: dict[str, torch.Tensor], config: ModelConfig, directory: str | os.PathLike) -> Path:
-    """Write a model's state dict and config to ``directory/model.safetensors`` (tied aliases stored once)."""
+    """Write a model's state dict and config to ``directory/model.safetensors`` (tied aliases stored once),
+    creating ``directory`` if needed; the file is as readable as any other the process writes (not 0600)."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
     path = Path(directory) / MODEL_FILE
     aliases = tied_weights(config)
     tensors = {k: v.detach().contiguous() for k, v in state.items() if k not in aliases}
     save_file(tensors, path, metadata={"format": "pt", CONFIG_KEY: json.dumps(config.to_dict())})
+    as_if_opened(path)
     return path
 
 

@@ -73,9 +73,24 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 
 def top_level_help() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: gpt2forge COMMAND [options]   (gpt2forge COMMAND --help for its options)", "", "commands:"]
+    lines = ["usage: gpt2forge COMMAND [options]   (gpt2forge COMMAND --help for its options; gpt2forge --version)",
+             "", "commands:"]
     lines += [f"  {name:<{width}}  {help_text}" for name, help_text in COMMANDS.items()]
     return "\n".join(lines)
+
+
+def version_line() -> str:
+    """``gpt2forge --version``: ours, and what a bug report needs next to it (read without importing torch)."""
+    import platform
+    from importlib import metadata
+
+    import gpt2forge
+
+    try:
+        torch = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch = "not installed"
+    return f"gpt2forge {gpt2forge.__version__} (Python {platform.python_version()}, torch {torch})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(top_level_help())
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        print(version_line())
+        return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         print(f"gpt2forge: unknown command {command!r}\n\n{top_level_help()}", file=sys.stderr)

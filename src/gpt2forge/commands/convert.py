@@ -18,14 +18,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="MODEL",
                         help="the model, instead of the first positional (as in eval and sample)")
     parser.add_argument("--out", metavar="OUT", help="the output directory, instead of the second positional")
+    exporting = parser.prog.endswith(" export")
     parser.add_argument("--to", choices=("hf", "gpt2forge"), default=None,
-                        help="output format (convert's default: the other one than the source's; export's: hf)")
+                        help="output format: hf only (export is for the ecosystem; our format: `gpt2forge convert "
+                             "MODEL OUT --to gpt2forge`)" if exporting else
+                             "output format (default: the other one than the source's)")
     parser.add_argument("--weights-dtype", choices=WEIGHTS_DTYPES, default="fp32",
                         help="dtype the Hugging Face weights are stored in (--to hf; default fp32). Not a compute "
                              "precision: for that, see eval --precision and train.precision")
     parser.add_argument("--dtype", dest="weights_dtype", choices=WEIGHTS_DTYPES, default=argparse.SUPPRESS,
                         help=argparse.SUPPRESS)  # old spelling
-    parser.add_argument("--vocab-dir", help=VOCAB_HELP)
+    parser.add_argument("--vocab-dir", help="--to hf: " + VOCAB_HELP + "; its tokenizer files go into the export")
 
 
 def model_and_out(args: argparse.Namespace) -> tuple[str, str]:
@@ -47,6 +50,9 @@ def run(args: argparse.Namespace) -> None:
     from ..hf import export_hf
     from ..weights import load_model, our_checkpoint, save_model
 
+    if args.command == "export" and args.to == "gpt2forge":
+        raise UserError("export writes the Hugging Face format only; to write our checkpoint format use "
+                        "`gpt2forge convert MODEL OUT --to gpt2forge`")
     source, destination = model_and_out(args)
     model = load_model(source)
     target = args.to or ("hf" if args.command == "export" or our_checkpoint(source) else "gpt2forge")

@@ -78,8 +78,8 @@ def run(args: argparse.Namespace) -> dict:
         print(format_table(results))
         out = results_path(results, args.out)
         if out is not None:
-            write_results(results, out)
-            print(f"results written to {out}")
+            kept = write_results(results, out)
+            print(f"results written to {out}" + (f" (kept from an earlier eval: {', '.join(kept)})" if kept else ""))
         else:
             print("(not a gpt2forge checkpoint: results not saved; pass --out FILE to save them)")
     return results

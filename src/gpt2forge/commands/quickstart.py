@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training steps (default: the quickstart recipe's; short for --train.max_steps=N)")
     parser.add_argument("--workers", type=positive_int, default=None, help="tokenizer processes (default: all cores)")
     parser.epilog = ("Any setting of the quickstart recipe can be changed as in `gpt2forge train`: "
-                     "--section.key=value, e.g. --train.micro_batch_size=8 (gpt2forge train --help lists them). "
+                     "--section.key=value, e.g. --train.micro_batch_size=8 (`gpt2forge train --help` lists them). "
                      "The validation loss, in the loop and in the final comparison, scores --eval.val_tokens.")
 
 

@@ -26,7 +26,8 @@ import torch
 
 from ..errors import UserError
 from ..models import IGNORE_INDEX
-from .shards import check_data_dir, open_shard
+from .datadir import check_data_dir
+from .shards import open_shard
 
 
 def find_shards(data_dir: str | os.PathLike, split: str) -> list[Path]:

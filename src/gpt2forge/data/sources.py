@@ -36,7 +36,6 @@ from ..errors import UserError
 
 FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".ndjson": "json", ".txt": "text"}
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
-TXT_UNITS = ("document", "paragraph", "line")
 READ_ROWS = 256  # rows per Arrow table read: small enough that skipping and memory stay cheap
 EMBEDDED_SKIP_DIRS = {"test", "tests", "idle_test", "__pycache__", "site-packages", "dist-packages"}
 
@@ -53,6 +52,7 @@ class Source:
     """A fixed sequence of Arrow tables; ``describe()`` is equal for two sources exactly when their rows are."""
 
     num_rows: int | None = None  # total rows, where known cheaply (for the ETA)
+    label: str = "the source"  # in messages: the dataset's name, the files' paths
 
     def describe(self) -> dict:
         raise NotImplementedError
@@ -151,6 +151,8 @@ class FileSource(Source):
         self.schemas = [self._schema_of(p) for p in self.files]
         self.file_rows = [self._rows_of(p, schema) for p, schema in zip(self.files, self.schemas, strict=True)]
         self.num_rows = None if None in self.file_rows else sum(self.file_rows)
+        shown = ", ".join(str(p) for p in self.files[:3])
+        self.label = shown + (f" (and {len(self.files) - 3} more files)" if len(self.files) > 3 else "")
 
     def _schema_of(self, path: Path):
         """A parquet file's footer (schema and row count), which costs one small read; None for other formats."""
@@ -221,6 +223,7 @@ class EmbeddedSource(Source):
     def __init__(self) -> None:
         self.documents = embedded_documents()
         self.num_rows = len(self.documents)
+        self.label = "the embedded corpus"
 
     def describe(self) -> dict:
         digest = hashlib.sha256()

@@ -12,6 +12,7 @@ and rank 0 prints and writes; the process group is created here when the launche
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path
@@ -195,9 +196,36 @@ def results_path(results: dict, out: str | os.PathLike | None) -> Path | None:
     return Path(results["checkpoint"]) / "eval.json" if results["checkpoint"] else None
 
 
-def write_results(results: dict, path: Path) -> None:
+RUN_KEYS = ("model", "checkpoint", "step", "tokens_seen", "timestamp", "device", "precision", "world_size",
+            "versions", "hardware", "evaluated", "rank")  # about the evaluation run; every other key is a result
+
+
+def write_results(results: dict, path: Path) -> list[str]:
+    """Write ``results`` to ``path``, merged into the results already there for the same model: an eval of the
+    val loss alone keeps an earlier HellaSwag score. ``evaluated`` says when, how and where each result was
+    computed. Returns the names of the results kept from before."""
+    current = {k: v for k, v in results.items() if k != "rank"}
+    done = {k: {key: current.get(key) for key in ("timestamp", "device", "precision", "world_size")}
+            for k in current if k not in RUN_KEYS}
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        earlier = None  # none yet, or unreadable: replaced
+    same = isinstance(earlier, dict) and _same_model(earlier, current)
+    kept = {k: v for k, v in earlier.items() if k not in RUN_KEYS and k not in done} if same else {}
+    evaluated = {k: v for k, v in (earlier.get("evaluated") or {}).items() if k in kept} if same else {}
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, {k: v for k, v in results.items() if k != "rank"})
+    atomic_write_json(path, {**current, **kept, "evaluated": {**evaluated, **done}})
+    return sorted(kept)
+
+
+def _same_model(earlier: dict, current: dict) -> bool:
+    """Whether two results are of one model: the same checkpoint directory (however it was named: a run directory
+    or its step directory, relative or absolute) at the same step, or the same Hugging Face model name."""
+    if current["checkpoint"] is None or earlier.get("checkpoint") is None:
+        return earlier.get("model") == current["model"] and earlier.get("checkpoint") == current["checkpoint"]
+    return (Path(earlier["checkpoint"]).resolve() == Path(current["checkpoint"]).resolve()
+            and earlier.get("step") == current["step"])
 
 
 def _val_loss(model, data, val_tokens, batch_size, seq_len, device: str, autocast, rank: int, world_size: int,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,8 @@ def start(train: TrainSection) -> Parallel:
     refuse_single_process_accelerate_launch()
     device = pick_device(train.device)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if train.distributed == "fsdp" and launched > 1:
+        refuse_fsdp_without_fully_shard(torch.__version__)
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision="no", dynamo_backend="no")
     world_size = accelerator.num_processes
     if world_size != launched:
@@ -89,6 +92,14 @@ def start(train: TrainSection) -> Parallel:
                     torch.cuda.device_count(), torch.cuda.device_count())
     return Parallel(accelerator, accelerator.device, accelerator.process_index, world_size,
                     fsdp=train.distributed == "fsdp" and world_size > 1)
+
+
+def refuse_fsdp_without_fully_shard(version: str) -> None:
+    """FSDP2's ``fully_shard`` is public from torch 2.6; older versions would fail deep in ``wrap`` instead."""
+    major, minor = (int(part) for part in re.findall(r"\d+", version)[:2])
+    if (major, minor) < (2, 6):
+        raise UserError(f"train.distributed=fsdp needs torch ≥ 2.6 (FSDP2's fully_shard); this is torch {version}. "
+                        "Upgrade torch, or use --train.distributed=ddp")
 
 
 def refuse_single_process_accelerate_launch() -> None:
