@@ -20,6 +20,7 @@ import torch
 from ..config import OptimSection
 from ..device import autocast as device_autocast
 from ..device import gpu_model
+from ..device import tf32_mode as device_tf32_mode
 from ..optim import build_optimizers, make_adamw
 
 VOCAB = 50257
@@ -202,15 +203,6 @@ def bare_step(model, forward, optimizer, x, y, autocast_context) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-@contextlib.contextmanager
 def tf32_mode(device: torch.device, enabled: bool):
-    """TF32 matmuls on or off for one block (global state, so set around each row's timing)."""
-    if device.type != "cuda":
-        yield
-        return
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    """TF32 matmuls on or off for one block (global state, so set around each row's timing); CUDA only."""
+    return device_tf32_mode(enabled) if device.type == "cuda" else contextlib.nullcontext()

@@ -43,7 +43,7 @@ import torch.distributed as dist
 from .. import runs
 from ..config import Config, grad_accum_steps, load_config, to_toml
 from ..data.loader import TokenLoader
-from ..device import autocast, autocast_dtype, hardware_summary, library_versions, peak_flops
+from ..device import autocast, autocast_dtype, hardware_summary, library_versions, peak_flops, restore_tf32, set_tf32
 from ..errors import UserError
 from ..files import atomic_write_text, explain
 from ..models import Runtime, build_model, padding_params
@@ -270,7 +270,7 @@ class Trainer:
     def __init__(self, config: Config, resume: str | None = None) -> None:
         self.config = config
         self.lock: runs.RunLock | None = None
-        self.metrics, self._log_handler, self.io_error = None, None, None
+        self.metrics, self._log_handler, self.io_error, self.tf32_before = None, None, None, None
         self.notes: list[str] = []  # warnings met before the run's log file was open
         check_device_request(config.train.device)
         self.parallel = start(config.train)
@@ -278,9 +278,8 @@ class Trainer:
             self.check_device()
             self.grad_accum = grad_accum_steps(config, self.parallel.world_size)
             self.autocast_dtype = autocast_dtype(config.train.precision, self.parallel.device)
-            if self.parallel.device.type == "cuda":
-                torch.backends.cuda.matmul.allow_tf32 = config.train.tf32
-                torch.backends.cudnn.allow_tf32 = config.train.tf32
+            if self.parallel.device.type == "cuda":  # restored by close()
+                self.tf32_before = set_tf32(config.train.tf32)
             self.setup_run_dir(resume)
             self.setup_model()
             self.setup_data()
@@ -700,6 +699,9 @@ class Trainer:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+        if self.tf32_before is not None:
+            restore_tf32(self.tf32_before)
+            self.tf32_before = None
 
 
 def json_text(data: dict) -> str:
