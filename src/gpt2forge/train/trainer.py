@@ -51,7 +51,7 @@ from ..optim import build_optimizers, lr_at
 from ..weights import MODEL_FILE, read_model_config
 from . import checkpoint as ckpt
 from .evaluation import InLoopEvaluation
-from .metrics import MetricsLogger, step_line, truncate_metrics
+from .metrics import MetricsLogger, llmc_flops_per_token, mfu, step_line, truncate_metrics
 from .parallelize import compiled, start
 
 log = logging.getLogger("gpt2forge.train")
@@ -394,6 +394,7 @@ class Trainer:
         self.optimizers = build_optimizers(self.model, c.optim, p.device.type, c.train.max_steps)
         self.train_model = compiled(self.wrapped, c.train.compile)
         self.flops_per_token = self.model.flops_per_token(c.train.seq_len)
+        self.llmc_flops_per_token = llmc_flops_per_token(self.model, c.train.seq_len)  # MFU as llm.c counts it
         self.peak_flops = peak_flops(p.device)
         self.counters = Counters(c, p.world_size)
         self.launch_elapsed_s = 0.0  # training time of this launch (for the ETA)
@@ -597,11 +598,12 @@ class Trainer:
         if not (self.step % c.log.every == 0 or self.step == c.train.max_steps or metrics["skipped"]):
             return
         tokens_per_s = c.train.total_batch_tokens / dt
-        mfu = self.flops_per_token * tokens_per_s / (self.peak_flops * p.world_size) if self.peak_flops else None
+        peak = self.peak_flops * p.world_size if self.peak_flops else None
         row = {
             "step": self.step, "tokens": self.step * c.train.total_batch_tokens, "elapsed_s": self.counters.elapsed_s,
             "loss": metrics["loss"], "lr": metrics["lr"], "grad_norm": metrics["grad_norm"], "step_ms": 1000 * dt,
-            "tokens_per_s": tokens_per_s, "mfu": mfu,
+            "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, self.flops_per_token, peak),
+            "mfu_llmc": mfu(tokens_per_s, self.llmc_flops_per_token, peak),
         }
         self.log_row(row)
         if p.is_main:
