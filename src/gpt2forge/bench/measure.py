@@ -193,12 +193,14 @@ def autocast(device: torch.device, bf16: bool):
     return device_autocast(device, torch.bfloat16 if bf16 else None)
 
 
-def bare_step(model, forward, optimizer, x, y, autocast_context) -> None:
-    """Forward, backward, clip to 1.0, AdamW: the step of the reference loop, nothing around it."""
+def bare_step(model, forward, optimizer, x, y, autocast_context, clip: float = 1.0) -> None:
+    """Forward, backward, clip (the reference recipe's 1.0; 0 = none), optimizer: a training step, nothing around
+    it."""
     with autocast_context():
         _, loss = forward(x, y)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    if clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
