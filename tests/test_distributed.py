@@ -102,3 +102,39 @@ def test_gpu_names_match_whole_words_and_auto_precision_needs_native_bf16(monkey
     assert autocast_dtype("auto", "cuda") is None
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert autocast_dtype("auto", "cuda") is torch.bfloat16
+
+
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_compiled_two_process_training_matches_eager(data_dir, tmp_path, distributed):
+    """torch.compile under DDP (the whole wrapped model) and under FSDP2 (each block, compiled before sharding), on 2
+    gloo processes: the losses of an eager 1-process run with 2 accumulation steps, to compile's rounding."""
+    common = {"train.max_steps": 4, "eval.val_every": 0, "checkpoint.every": 0}
+    eager = train(config(data_dir, tmp_path / "eager", **common)).losses
+    torchrun(["train", *tiny_overrides(data_dir, tmp_path / "compiled",
+                                       **{**common, "train.compile": True, "train.distributed": distributed})])
+    compiled = metric_losses(tmp_path / "compiled" / "run")
+    assert compiled.keys() == eager.keys()
+    for step, loss in eager.items():
+        assert compiled[step] == pytest.approx(loss, rel=1e-4)
+
+
+def test_ddp_options_and_fsdp_mixed_precision_policy():
+    """DDP broadcasts no buffers and keeps gradients in its buckets; FSDP2 gathers bf16 and reduces fp32 in a bf16
+    run, and keeps parameters as stored otherwise. One gloo process is a process group, so DDP wraps."""
+    import torch.distributed as torch_dist
+
+    from gpt2forge.train.parallelize import Parallel, fsdp_policy
+
+    policy = fsdp_policy(torch.bfloat16)
+    assert policy.param_dtype is torch.bfloat16 and policy.reduce_dtype is torch.float32
+    assert fsdp_policy(None).param_dtype is None and fsdp_policy(None).reduce_dtype is None
+    parallel = Parallel(None, torch.device("cpu"), 0, 1, fsdp=False)
+    model = torch.nn.Linear(4, 4)
+    assert parallel.wrap(model) is model  # no process group: nothing to wrap
+    torch_dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    try:
+        ddp = parallel.wrap(model)
+        assert type(ddp).__name__ == "DistributedDataParallel"
+        assert ddp.broadcast_buffers is False and ddp.gradient_as_bucket_view is True
+    finally:
+        torch_dist.destroy_process_group()

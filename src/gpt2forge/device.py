@@ -70,6 +70,44 @@ def autocast(device: torch.device | str, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
+# TF32 (fp32 matmuls and convolutions on tensor cores, Ampere+): through the fp32_precision settings where torch has
+# them (2.9+), never also through the legacy allow_tf32 flags: torch refuses to read one kind after the other was
+# set, and Inductor reads the new kind.
+_NEW_TF32_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")
+
+
+def tf32_state() -> tuple:
+    """The current TF32 settings (matmul, convolution), as ``restore_tf32`` takes them."""
+    if _NEW_TF32_API:
+        return torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+def restore_tf32(state: tuple) -> None:
+    if _NEW_TF32_API:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = state
+    else:  # pragma: no cover (torch < 2.9)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = state
+
+
+def set_tf32(enabled: bool) -> tuple:
+    """Allow TF32 for fp32 matmuls and convolutions on CUDA, or forbid it; returns the settings it replaced."""
+    before = tf32_state()
+    restore_tf32(("tf32", "tf32") if _NEW_TF32_API and enabled else ("ieee", "ieee") if _NEW_TF32_API
+                 else (enabled, enabled))
+    return before
+
+
+@contextlib.contextmanager
+def tf32_mode(enabled: bool):
+    """TF32 as asked for the block, then as it was."""
+    before = set_tf32(enabled)
+    try:
+        yield
+    finally:
+        restore_tf32(before)
+
+
 def device_name(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type == "cuda":

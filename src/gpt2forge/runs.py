@@ -42,7 +42,7 @@ LOCK = ".lock"
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 LEGACY_PIECES = ("model.safetensors", "optimizer.pt", "train_state.json", "rng.pt", "config.toml")  # before manifests
 COLUMNS = (
-    "step", "tokens", "elapsed_s", "loss", "lr", "grad_norm", "step_ms", "tokens_per_s", "mfu",
+    "step", "tokens", "elapsed_s", "loss", "lr", "grad_norm", "step_ms", "tokens_per_s", "mfu", "mfu_llmc",
     "val_loss", "hellaswag_acc", "hellaswag_acc_norm",
     "val_bpb", "core",  # appended last: a resumed run's older metrics.csv header still lines up with its rows
 )

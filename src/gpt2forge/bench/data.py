@@ -19,13 +19,13 @@ from .options import TARGET_TOKENS_PER_S, BenchOptions
 log = logging.getLogger("gpt2forge.bench")
 
 
-def write_random_shards(directory: Path, n_shards: int, tokens_per_shard: int) -> Path:
+def write_random_shards(directory: Path, n_shards: int, tokens_per_shard: int, vocab: int = VOCAB) -> Path:
     from ..data.shards import write_shard
 
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for i in range(n_shards):
-        write_shard(directory / f"bench_train_{i:06d}.bin", rng.integers(0, VOCAB, tokens_per_shard, dtype=np.uint16))
+        write_shard(directory / f"bench_train_{i:06d}.bin", rng.integers(0, vocab, tokens_per_shard, dtype=np.uint16))
     return directory
 
 

@@ -20,6 +20,7 @@ import torch
 from ..config import OptimSection
 from ..device import autocast as device_autocast
 from ..device import gpu_model
+from ..device import tf32_mode as device_tf32_mode
 from ..optim import build_optimizers, make_adamw
 
 VOCAB = 50257
@@ -192,25 +193,18 @@ def autocast(device: torch.device, bf16: bool):
     return device_autocast(device, torch.bfloat16 if bf16 else None)
 
 
-def bare_step(model, forward, optimizer, x, y, autocast_context) -> None:
-    """Forward, backward, clip to 1.0, AdamW: the step of the reference loop, nothing around it."""
+def bare_step(model, forward, optimizer, x, y, autocast_context, clip: float = 1.0) -> None:
+    """Forward, backward, clip (the reference recipe's 1.0; 0 = none), optimizer: a training step, nothing around
+    it."""
     with autocast_context():
         _, loss = forward(x, y)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    if clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
 
-@contextlib.contextmanager
 def tf32_mode(device: torch.device, enabled: bool):
-    """TF32 matmuls on or off for one block (global state, so set around each row's timing)."""
-    if device.type != "cuda":
-        yield
-        return
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    """TF32 matmuls on or off for one block (global state, so set around each row's timing); CUDA only."""
+    return device_tf32_mode(enabled) if device.type == "cuda" else contextlib.nullcontext()

@@ -68,7 +68,8 @@ def run_overhead(opts: BenchOptions, device: torch.device, data_dir: Path, work_
 
             def bare_block(batches) -> None:
                 for x, y in batches:
-                    bare_step(trainer.wrapped, trainer.train_model, trainer.optimizers, x, y, trainer_autocast)
+                    bare_step(trainer.wrapped, trainer.train_model, trainer.optimizers, x, y, trainer_autocast,
+                              config.optim.grad_clip)
 
             def replay() -> list:  # the batches of the trainer's last block, on the device before timing starts
                 steps = range(trainer.step - k, trainer.step)

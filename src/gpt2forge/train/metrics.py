@@ -143,6 +143,18 @@ def _format(value) -> str:
     return str(value)
 
 
+def llmc_flops_per_token(model, seq_len: int) -> float:
+    """llm.c's training FLOPs per token, 6N + 6·L·C·T with N every parameter (the position table and the vocabulary
+    padding included): ~6% below our count (``flops_per_token``, nanoGPT's), so MFU compares with llm.c's figures."""
+    c = model.config
+    return 6 * model.num_params() + 6 * c.n_layer * c.n_embd * seq_len
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float | None) -> float | None:
+    """Model FLOPs utilisation: the FLOPs the model's arithmetic needs over the hardware's peak (None: no peak)."""
+    return flops_per_token * tokens_per_s / peak_flops if peak_flops else None
+
+
 def step_line(row: dict, max_steps: int, eta_s: float | None) -> str:
     """One console line per step: step, loss, lr, grad norm, time, throughput, MFU, ETA."""
     parts = [
@@ -154,7 +166,8 @@ def step_line(row: dict, max_steps: int, eta_s: float | None) -> str:
         f"{row['tokens_per_s']:,.0f} tok/s",
     ]
     if row.get("mfu") is not None:
-        parts.append(f"MFU {100 * row['mfu']:.1f}%")
+        parts.append(f"MFU {100 * row['mfu']:.1f}%" + (f" (llm.c {100 * row['mfu_llmc']:.1f}%)"
+                                                        if row.get("mfu_llmc") is not None else ""))
     if eta_s is not None:
         parts.append(f"ETA {format_duration(eta_s)}")
     return " | ".join(parts)

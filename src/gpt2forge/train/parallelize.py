@@ -1,13 +1,15 @@
 """How the model is spread over processes: the process group (via accelerate), DDP or FSDP2, and compile.
 
-FSDP is PyTorch's FSDP2 (``fully_shard`` per block, then the rest), not accelerate's FSDP plugin, which refuses
-to run without an accelerator and so could not be tested on CPUs. Precision and compile are ours: accelerate is
-told to add neither, so an ``accelerate config`` default can never add a second autocast behind our back.
+DDP and FSDP are PyTorch's own, set up here: DDP without buffer broadcasts and with gradients as views of its
+buckets; FSDP2 (``fully_shard`` per block, then the rest), not accelerate's FSDP plugin, which refuses to run
+without an accelerator and so could not be tested on CPUs. Precision and compile are ours too: accelerate is told
+to add neither, so an ``accelerate config`` default can never add a second autocast behind our back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import re
@@ -18,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..config import TrainSection
-from ..device import pick_device
+from ..device import autocast_dtype, pick_device
 from ..errors import UserError
 
 log = logging.getLogger("gpt2forge.train")
@@ -33,22 +35,44 @@ class Parallel:
     rank: int
     world_size: int
     fsdp: bool
+    compile: bool = False  # FSDP compiles block by block, before sharding (``wrap``); ``compiled`` then does nothing
+    param_dtype: torch.dtype | None = None  # FSDP's compute dtype for parameters (bf16 runs), None = as stored
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """DDP (accelerate's) or FSDP2 around ``model``; the model itself on one process."""
-        if not self.fsdp:
-            return self.accelerator.prepare(model)
+        """DDP or FSDP2 around ``model`` in a process group (a 1-process one too, as under ``torchrun
+        --nproc_per_node=1``); the model itself without one."""
+        if self.fsdp:
+            return self.shard(model)
+        if not torch.distributed.is_initialized():
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        # no buffer broadcast before every forward (the models' buffers never change; torch ≥ 2.13 names that
+        # switch forward_sync_buffers); gradients live in the all-reduce buckets (no second copy of them); the
+        # device is the process's own GPU (CPUs: none)
+        newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        return DistributedDataParallel(
+            model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            gradient_as_bucket_view=True, **{"forward_sync_buffers" if newer else "broadcast_buffers": False},
+        )
+
+    def shard(self, model: torch.nn.Module) -> torch.nn.Module:
+        """FSDP2: each block compiled (when asked) and then sharded on its own, then the rest of the model. A bf16
+        run gathers parameters in bf16 and reduces gradients in fp32 (``fsdp_policy``)."""
         from torch.distributed.fsdp import fully_shard
 
         # the logits are a slice (view) when the vocab is padded; nothing modifies them in place
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        policy = fsdp_policy(self.param_dtype)
         for block in model.blocks:
-            fully_shard(block)
-        return fully_shard(model)
+            if self.compile:
+                block.compile()  # in place: parameter names (and checkpoints) stay those of the eager model
+            fully_shard(block, mp_policy=policy)
+        return fully_shard(model, mp_policy=policy)
 
     @contextlib.contextmanager
     def gradient_sync(self, wrapped: torch.nn.Module, sync: bool):
@@ -62,7 +86,7 @@ class Parallel:
             finally:
                 wrapped.set_requires_gradient_sync(True)
         else:
-            with self.accelerator.no_sync(wrapped):
+            with wrapped.no_sync():
                 yield
 
 
@@ -91,7 +115,8 @@ def start(train: TrainSection) -> Parallel:
                     "--nproc_per_node=%d (or accelerate launch --multi_gpu) to use them all",
                     torch.cuda.device_count(), torch.cuda.device_count())
     return Parallel(accelerator, accelerator.device, accelerator.process_index, world_size,
-                    fsdp=train.distributed == "fsdp" and world_size > 1)
+                    fsdp=train.distributed == "fsdp" and world_size > 1, compile=train.compile,
+                    param_dtype=autocast_dtype(train.precision, accelerator.device))
 
 
 def refuse_fsdp_without_fully_shard(version: str) -> None:
@@ -124,6 +149,19 @@ def refuse_single_process_accelerate_launch() -> None:
             )
 
 
+def fsdp_policy(param_dtype: torch.dtype | None):
+    """FSDP2's mixed precision: parameters gathered in ``param_dtype`` (bf16 halves the all-gathers) and gradients
+    reduced in fp32 (a sum of bf16 gradients over many ranks loses bits); the default policy without one."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if param_dtype is None:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+
+
 def compiled(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
-    """``torch.compile(model)`` when enabled. The uncompiled handle stays the caller's: weights, sampling, export."""
-    return torch.compile(model) if enabled else model
+    """``torch.compile(model)`` when enabled; an FSDP model as it is (its blocks were compiled before sharding).
+    The uncompiled handle stays the caller's: weights, sampling, export."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return torch.compile(model) if enabled and not isinstance(model, FSDPModule) else model

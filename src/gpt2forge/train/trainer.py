@@ -43,7 +43,7 @@ import torch.distributed as dist
 from .. import runs
 from ..config import Config, grad_accum_steps, load_config, to_toml
 from ..data.loader import TokenLoader
-from ..device import autocast, autocast_dtype, hardware_summary, library_versions, peak_flops
+from ..device import autocast, autocast_dtype, hardware_summary, library_versions, peak_flops, restore_tf32, set_tf32
 from ..errors import UserError
 from ..files import atomic_write_text, explain
 from ..models import Runtime, build_model, padding_params
@@ -51,7 +51,7 @@ from ..optim import build_optimizers, lr_at
 from ..weights import MODEL_FILE, read_model_config
 from . import checkpoint as ckpt
 from .evaluation import InLoopEvaluation
-from .metrics import MetricsLogger, step_line, truncate_metrics
+from .metrics import MetricsLogger, llmc_flops_per_token, mfu, step_line, truncate_metrics
 from .parallelize import compiled, start
 
 log = logging.getLogger("gpt2forge.train")
@@ -270,7 +270,7 @@ class Trainer:
     def __init__(self, config: Config, resume: str | None = None) -> None:
         self.config = config
         self.lock: runs.RunLock | None = None
-        self.metrics, self._log_handler, self.io_error = None, None, None
+        self.metrics, self._log_handler, self.io_error, self.tf32_before = None, None, None, None
         self.notes: list[str] = []  # warnings met before the run's log file was open
         check_device_request(config.train.device)
         self.parallel = start(config.train)
@@ -278,9 +278,8 @@ class Trainer:
             self.check_device()
             self.grad_accum = grad_accum_steps(config, self.parallel.world_size)
             self.autocast_dtype = autocast_dtype(config.train.precision, self.parallel.device)
-            if self.parallel.device.type == "cuda":
-                torch.backends.cuda.matmul.allow_tf32 = config.train.tf32
-                torch.backends.cudnn.allow_tf32 = config.train.tf32
+            if self.parallel.device.type == "cuda":  # restored by close()
+                self.tf32_before = set_tf32(config.train.tf32)
             self.setup_run_dir(resume)
             self.setup_model()
             self.setup_data()
@@ -395,6 +394,7 @@ class Trainer:
         self.optimizers = build_optimizers(self.model, c.optim, p.device.type, c.train.max_steps)
         self.train_model = compiled(self.wrapped, c.train.compile)
         self.flops_per_token = self.model.flops_per_token(c.train.seq_len)
+        self.llmc_flops_per_token = llmc_flops_per_token(self.model, c.train.seq_len)  # MFU as llm.c counts it
         self.peak_flops = peak_flops(p.device)
         self.counters = Counters(c, p.world_size)
         self.launch_elapsed_s = 0.0  # training time of this launch (for the ETA)
@@ -598,11 +598,12 @@ class Trainer:
         if not (self.step % c.log.every == 0 or self.step == c.train.max_steps or metrics["skipped"]):
             return
         tokens_per_s = c.train.total_batch_tokens / dt
-        mfu = self.flops_per_token * tokens_per_s / (self.peak_flops * p.world_size) if self.peak_flops else None
+        peak = self.peak_flops * p.world_size if self.peak_flops else None
         row = {
             "step": self.step, "tokens": self.step * c.train.total_batch_tokens, "elapsed_s": self.counters.elapsed_s,
             "loss": metrics["loss"], "lr": metrics["lr"], "grad_norm": metrics["grad_norm"], "step_ms": 1000 * dt,
-            "tokens_per_s": tokens_per_s, "mfu": mfu,
+            "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, self.flops_per_token, peak),
+            "mfu_llmc": mfu(tokens_per_s, self.llmc_flops_per_token, peak),
         }
         self.log_row(row)
         if p.is_main:
@@ -700,6 +701,9 @@ class Trainer:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+        if self.tf32_before is not None:
+            restore_tf32(self.tf32_before)
+            self.tf32_before = None
 
 
 def json_text(data: dict) -> str:
