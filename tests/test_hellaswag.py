@@ -203,7 +203,7 @@ def test_offline_without_a_local_file_says_to_pass_one(tmp_path, monkeypatch):
         raise OSError("Network is unreachable")
 
     monkeypatch.setattr(hellaswag, "_fetch", offline)
-    with pytest.raises(UserError, match="Network is unreachable.*--hellaswag-file PATH"):
+    with pytest.raises(UserError, match="Network is unreachable.*--hellaswag-file=PATH"):
         load_hellaswag(cache_dir=tmp_path)
     with pytest.raises(UserError, match=r"missing.jsonl \(--hellaswag-file\) does not exist"):
         load_hellaswag(tmp_path / "missing.jsonl")

@@ -26,14 +26,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..device import pick_device
+    from ..device import resolve_device
     from ..sample import check_options, print_samples
     from ..tokenizer import get_tokenizer
     from ..weights import load_model
 
     top_k = args.top_k or None  # 0 = off
     check_options(args.temperature, top_k, args.top_p)
-    model = load_model(args.model, pick_device(args.device))
+    model = load_model(args.model, resolve_device(args.device, "--device"))
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=top_k,
                    top_p=args.top_p, seed=args.seed)
     print_samples(model, get_tokenizer(args.vocab_dir), args.prompt, num_samples=args.num_samples, **options)

@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .. import dist
+from ..device import autocast
 from ..errors import UserError
 from ..models import IGNORE_INDEX
 from ..tokenizer import EOT_TOKEN
@@ -88,12 +90,14 @@ def _fetch(url: str, dest: Path, timeout: float = 60.0) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def locate(path: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None) -> Path:
-    """The HellaSwag val file: ``path`` when given, else the cached download, downloading it when missing."""
+def locate(path: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None,
+           flag: str = "--hellaswag-file") -> Path:
+    """The HellaSwag val file: ``path`` when given, else the cached download, downloading it when missing.
+    ``flag``: how the calling command spells the file's option, for the messages."""
     if path is not None:
         path = Path(path).expanduser()
         if not path.is_file():
-            raise UserError(f"HellaSwag file {path} (--hellaswag-file) does not exist")
+            raise UserError(f"HellaSwag file {path} ({flag}) does not exist")
         return path
     cached = Path(cache_dir or default_cache_dir()) / Path(URL).name
     if cached.is_file():
@@ -103,7 +107,7 @@ def locate(path: str | os.PathLike | None = None, *, cache_dir: str | os.PathLik
     except Exception as e:  # offline, DNS, HTTP, disk: all end the same way for the user
         raise UserError(
             f"could not download HellaSwag from {URL} into {cached.parent} ({type(e).__name__}: {e}); "
-            "offline, pass a local copy of hellaswag_val.jsonl with --hellaswag-file PATH"
+            f"offline, pass a local copy of hellaswag_val.jsonl with {flag}=PATH"
         ) from None
     return cached
 
@@ -138,13 +142,15 @@ def load_hellaswag(
     limit: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     tokenizer=None,
+    flag: str = "--hellaswag-file",
 ) -> HellaSwagData:
-    """Read and tokenize HellaSwag (see ``locate`` for where it comes from); ``limit`` keeps the first N rows."""
+    """Read and tokenize HellaSwag (see ``locate`` for where it comes from, and ``flag``); ``limit`` keeps the
+    first N rows."""
     if tokenizer is None:
         from ..tokenizer import get_tokenizer
 
         tokenizer = get_tokenizer()
-    path = locate(path, cache_dir=cache_dir)
+    path = locate(path, cache_dir=cache_dir, flag=flag)
     digest = hashlib.sha256()
     examples, skipped, rows = [], [], 0
     with open(path, "rb") as f:
@@ -260,7 +266,7 @@ def score_examples(
     batches = _batches(examples, per_batch, seq_len, n_batches, pad=EOT_TOKEN)
     for idx, tgt, n in progress_bar(batches, total=n_batches, desc="hellaswag", unit="batch", enabled=progress):
         idx, tgt = idx.to(device, non_blocking=True), tgt.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with autocast(device, autocast_dtype):
             logits = model(idx)[0]
         mask = tgt != IGNORE_INDEX
         losses = F.cross_entropy(logits[mask].float(), tgt[mask], reduction="none")  # ending tokens only
@@ -269,16 +275,6 @@ def score_examples(
         sums.append(row_sums.view(-1, N_ENDINGS)[:n].cpu())
         counts.append(mask.sum(dim=1).view(-1, N_ENDINGS)[:n].cpu())
     return Scores(torch.cat(sums), torch.cat(counts))
-
-
-def _distributed_default(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    import torch.distributed as dist
-
-    initialised = dist.is_available() and dist.is_initialized()
-    return (
-        rank if rank is not None else (dist.get_rank() if initialised else 0),
-        world_size if world_size is not None else (dist.get_world_size() if initialised else 1),
-    )
 
 
 def evaluate_hellaswag(
@@ -299,7 +295,8 @@ def evaluate_hellaswag(
     ``block_size`` defaults to ``model.config.block_size``. Rank/world size default to torch.distributed's;
     each rank scores every ``world_size``-th example and the counts are summed over ranks.
     """
-    rank, world_size = _distributed_default(rank, world_size)
+    rank = dist.rank() if rank is None else rank
+    world_size = dist.world_size() if world_size is None else world_size
     block_size = block_size or model.config.block_size
     examples, too_long, truncated = fit_to_context(data.examples, block_size)
     skipped = sorted(data.skipped + too_long, key=lambda s: s.line)
@@ -322,11 +319,7 @@ def evaluate_hellaswag(
         [len(mine), int((scores.pred == labels).sum()), int((scores.pred_norm == labels).sum())], dtype=torch.long
     )
     if world_size > 1:
-        import torch.distributed as dist
-
-        counts = counts.to(device)
-        dist.all_reduce(counts)
-        counts = counts.cpu()
+        counts = dist.all_reduce(counts.to(device)).cpu()
     n, correct, correct_norm = counts.tolist()
     return {
         "acc": correct / n,

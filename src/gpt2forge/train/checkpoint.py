@@ -33,10 +33,13 @@ from .. import runs
 from ..errors import UserError
 from ..files import atomic_write_text, explain, free_space, fsync_dir
 from ..runs import MANIFEST, checkpoint_step, complete_checkpoints, step_dir_name
-from ..weights import MODEL_FILE, read_weights, save_weights  # noqa: F401 -- MODEL_FILE: the model piece's file
+from ..weights import MODEL_FILE, read_weights, save_weights
 
 OPTIMIZER_FILE = "optimizer.pt"
 LOADER_FILE = "loader.json"
+GUARD_FILE = "guard.json"
+# pieces that older checkpoints kept inside train_state.json: file name -> how to find their state there
+IN_OLDER_TRAIN_STATES = {LOADER_FILE: lambda state: state.get("loader"), GUARD_FILE: lambda state: state}
 
 
 class Piece(Protocol):
@@ -209,8 +212,8 @@ def load_checkpoint(checkpoint: Path, pieces: dict[str, Piece], verify: bool = T
                             "checkpoint with --resume PATH")
     for name, piece in pieces.items():
         path = checkpoint / name
-        if not path.is_file() and name == LOADER_FILE and (checkpoint / runs.TRAIN_STATE).is_file():
-            state = read_piece(piece, checkpoint / runs.TRAIN_STATE).get("loader")  # older checkpoints kept it there
+        if not path.is_file() and name in IN_OLDER_TRAIN_STATES and (checkpoint / runs.TRAIN_STATE).is_file():
+            state = IN_OLDER_TRAIN_STATES[name](read_piece(piece, checkpoint / runs.TRAIN_STATE))
             if state is not None:
                 _load_piece(piece, state, path)
                 continue
@@ -312,3 +315,13 @@ def _instead(damaged: Path, how_to_resume) -> str:
     return (f"The newest intact checkpoint is {intact} (step {checkpoint_step(intact)}). To continue from it — the "
             f"checkpoints after it are then set aside as step-N.superseded, not deleted — run: "
             f"{how_to_resume(intact)}. Or restore {damaged.name} and run the same command again")
+
+
+def check_architecture(checkpoint: Path, config) -> None:
+    """Refuse to resume ``checkpoint`` into a model of another architecture (``config``: the run's model config)."""
+    from ..weights import read_model_config
+
+    stored = read_model_config(checkpoint / MODEL_FILE)
+    if stored is None or stored.to_dict() != config.to_dict():
+        raise UserError(f"{checkpoint} holds a different architecture ({stored}) than this run's model ({config}); "
+                        "resume with the same model settings")
