@@ -133,9 +133,9 @@ class TrainSection:
     """ddp (replicate the model) or fsdp (shard parameters, gradients and optimizer state: the larger presets)."""
     max_bad_steps: int = 5
     """Stop the run after this many consecutive skipped steps (a non-finite loss or gradient norm, or a loss
-    spike by any spike_* rule): each is skipped, its update never applied. A run is in trouble from a skipped
-    step until this many steps have passed without one: no checkpoint is written meanwhile (it waits), and a run
-    that ends in trouble exits with an error naming its last healthy checkpoint."""
+    spike by any spike_* rule): each is skipped, its update never applied. While the latest step was skipped, or
+    when the weights to be saved score a spike on the next batch, no checkpoint is written (it waits for a healthy
+    step); a run that ends that way exits with an error naming its last healthy checkpoint."""
     spike_loss_margin: float = 5.0
     """Skip a step whose loss is above ln(vocab_size) + this many nats: a model that knows nothing scores
     ln(vocab_size) and a healthy run, from its first step, is never far above; an exploded update lands far above.

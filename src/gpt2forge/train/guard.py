@@ -14,9 +14,10 @@ rules (the ``train.spike_*`` settings; each 0 = off):
 - *z-score*: the loss is more than ``spike_zscore`` standard deviations above the mean of the last
   ``spike_window`` applied steps' losses, once ``spike_min_history`` of them are known (llm.c's rule).
 
-A run is *in trouble* from a skipped step until ``max_bad_steps`` steps have passed without one (or when the
-weights about to be saved score a spike): the trainer writes no checkpoint meanwhile, so a divergence can never
-replace the last healthy state, and ``max_bad_steps`` skipped steps in a row stop the run. The messages say what
+A run is *in trouble* while its latest step was skipped, or when the weights about to be saved score a spike (by
+the rules that need no window) on the next batch: the trainer writes no checkpoint then — it waits for a healthy
+step — so a divergence can never replace the last healthy state; ``max_bad_steps`` skipped steps in a row stop
+the run. The messages say what
 happened, which checkpoint is the last healthy one, the likely cause (the learning rate) and the command that
 continues from that checkpoint with a lower one.
 """
@@ -118,8 +119,8 @@ class StepGuard:
         self.last_bad_step, self.last_reason = step, reason
 
     def in_trouble(self, step: int) -> bool:
-        """Whether a step within the last ``max_bad_steps`` (up to ``step``) put the run in trouble."""
-        return self.last_bad_step is not None and step - self.last_bad_step < self.train.max_bad_steps
+        """Whether step ``step`` (the latest) put the run in trouble: skipped, or its weights alarmed the probe."""
+        return self.last_bad_step == step
 
     @property
     def stop_due(self) -> bool:
@@ -149,12 +150,12 @@ def stop_advice(last_healthy: Path | None, resume_command, optim: OptimSection) 
     lower = " ".join(f"--optim.{k}={v / 2:g}" for k, v in lrs.items())
     cause = (f"A divergence is most likely the learning rate ({named}; optim.warmup_steps={optim.warmup_steps} "
              "warms it up)")
+    loosen = "If the loss rose for a good reason (new data), loosen the rule that fired (train.spike_*; 0 = off)"
     if last_healthy is None:
-        return f"No checkpoint of this run had been saved yet. {cause}: lower it and start the run again"
+        return f"No checkpoint of this run had been saved yet. {cause}: lower it and start the run again. {loosen}"
     return (f"The last healthy checkpoint is {last_healthy} (step {checkpoint_step(last_healthy)}). {cause}: continue "
             f"from that checkpoint with a lower one: {resume_command(last_healthy)} {lower} --train.reschedule=true. "
-            "If the loss rose for a good reason (new data), loosen the rule that fired (train.spike_*; 0 = off) and "
-            "resume the same way")
+            f"{loosen} and resume the same way")
 
 
 def weights_norm(model: torch.nn.Module, sharded: bool) -> torch.Tensor:
