@@ -65,7 +65,8 @@ def test_a_huge_lr_on_resume_stops_nonzero_keeps_the_healthy_checkpoint_and_it_t
     assert f"The last healthy checkpoint is {run_dir / 'step-000004'} (step 4)" in err
     assert "optim.lr=1e+06" in err and "--optim.lr=500000 --train.reschedule=true" in err
     assert [p.name for p in ckpt.complete_checkpoints(run_dir)] == ["step-000004"]  # it survived keep_last=1
-    resumed = train(config(data_dir, tmp_path, **{**settings, "train.max_steps": 8}), resume=str(run_dir / "step-000004"))
+    sane = config(data_dir, tmp_path, **{**settings, "train.max_steps": 8})
+    resumed = train(sane, resume=str(run_dir / "step-000004"))
     assert min(resumed.losses) == 5 and resumed.step == 8 and all(map(math.isfinite, resumed.losses.values()))
 
 

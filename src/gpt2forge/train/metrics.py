@@ -150,7 +150,7 @@ def step_line(row: dict, max_steps: int, eta_s: float | None) -> str:
         f"step {row['step']:>{len(str(max_steps))}}/{max_steps}",
         f"loss {row['loss']:.4f}",
         f"lr {row['lr']:.2e}",
-        f"norm {row['grad_norm']:.3f}",
+        "norm -" if row["grad_norm"] is None else f"norm {row['grad_norm']:.3f}",  # None: grad_clip 0, not computed
         f"{row['step_ms']:.1f} ms",
         f"{row['tokens_per_s']:,.0f} tok/s",
     ]

@@ -421,23 +421,27 @@ class Trainer:
         return requested
 
     # ---------------------------------------------------------------- checkpoints
-    def probe_loss(self) -> float:
-        """The loss of the weights about to be saved, on this rank's first micro-batch of the next step (averaged
-        over ranks): an update that broke the weights shows here before a checkpoint can hold them."""
+    def probe(self) -> tuple[bool, float]:
+        """Whether the weights about to be saved are finite, and their loss on this rank's first micro-batch of the
+        next step (averaged over ranks), in one host sync: an update that broke the weights shows here before a
+        checkpoint can hold them."""
         p = self.parallel
         x, y = (t.to(p.device) for t in self.loader.batch(self.step))
         with torch.no_grad(), autocast(p.device, self.autocast_dtype):
-            loss = self.wrapped(x, y)[1].float()
-        return dist.all_reduce(loss, "avg").item()
+            loss = dist.all_reduce(self.wrapped(x, y)[1].float(), "avg")
+        self.pending_weights = None
+        weights, loss = torch.stack([weights_norm(self.model, p.fsdp), loss]).tolist()
+        return math.isfinite(weights), loss
 
     def save(self, final: bool) -> None:
         """Write the due checkpoint if the run is healthy: finite weights (else stop at once), and the guard
         neither in trouble nor alarmed by the weights' loss on the next batch. Otherwise the save waits for a
         healthy step; at the end of the run (``final``) it cannot wait: the run stops with the guard's message."""
         t0 = time.perf_counter()
-        if not self.weights_finite():
+        finite, loss = self.probe()
+        if not finite:
             raise TrainingStopped(self.poisoned_message(self.step, self.last_step))
-        reason = self.guard.judge(self.probe_loss(), None, absolute_only=True)
+        reason = self.guard.judge(loss, None, absolute_only=True)
         if reason is not None:
             self.guard.trouble(self.step, f"the weights after it score {reason} on the next batch")
         if self.guard.in_trouble(self.step):
@@ -450,13 +454,13 @@ class Trainer:
             self.save_postponed = True
             return
         self.save_postponed = False
-        self.save_checkpoint()
+        self.save_checkpoint(checked=True)
         self.eta.add("checkpoint", time.perf_counter() - t0)
 
-    def save_checkpoint(self) -> Path | None:
-        """Save the step's checkpoint (all ranks take part). A failed save stops the run on every rank: going on
-        without checkpoints would put days of work at risk."""
-        if not self.weights_finite():  # save() checks first; this guards any other way in
+    def save_checkpoint(self, checked: bool = False) -> Path | None:
+        """Save the step's checkpoint (all ranks take part; ``checked``: the weights were just found finite). A
+        failed save stops the run on every rank: going on without checkpoints would put days of work at risk."""
+        if not checked and not self.weights_finite():
             raise TrainingStopped(self.poisoned_message(self.step))
         extra = {runs.RUN_CONFIG: saved_config(self.config)}
         if self.last_evals.get("step") == self.step:
