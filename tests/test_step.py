@@ -14,7 +14,8 @@ from test_train import config, tiny_overrides
 import gpt2forge
 from gpt2forge.models.gpt2 import GPT
 from gpt2forge.train.eta import Eta, events_left
-from gpt2forge.train.trainer import Trainer, smaller_micro_batch, train
+from gpt2forge.train.memory import smaller_micro_batch
+from gpt2forge.train.trainer import Trainer, train
 
 PACKAGE = str(Path(gpt2forge.__file__).parent)
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")

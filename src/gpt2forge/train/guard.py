@@ -158,6 +158,17 @@ def stop_advice(last_healthy: Path | None, resume_command, optim: OptimSection) 
             f"{loosen} and resume the same way")
 
 
+def poisoned_message(step: int, metrics: dict | None, advice: str) -> str:
+    """The stop when an update left non-finite weights (``metrics``: that step's numbers, when known)."""
+    before = ""
+    if metrics:
+        norm = "not computed" if metrics["grad_norm"] is None else f"{metrics['grad_norm']:.4g}"
+        before = (f" (before it the loss {metrics['loss']:.4g}, gradient norm {norm} and LR {metrics['lr']:.3g} were "
+                  "finite)")
+    return (f"step {step}: the update left non-finite weights{before}. The run stopped without saving them: no "
+            f"checkpoint holds them. {advice}")
+
+
 def weights_norm(model: torch.nn.Module, sharded: bool) -> torch.Tensor:
     """A sum of the weights' norms, finite exactly when every weight is (an overflowing norm counts as
     non-finite: such weights have exploded): one fused reduction on the device, no host sync. Under FSDP each rank

@@ -6,7 +6,8 @@ An orchestrator: each concern has its own home, and this file puts them in order
 - ``guard.py``: which steps reach the weights, and when the run is in trouble (no checkpoint then);
 - ``checkpoint.py``: a checkpoint is a dict of stateful pieces (model, optimizers, loader, counters, guard);
 - ``optim/schedules.py``: the LR as a pure function of the step, and the resume-time check of its settings;
-- ``evaluation.py``, ``metrics.py``, ``logs.py``, ``eta.py``: what is measured and where it is written.
+- ``evaluation.py``, ``metrics.py``, ``logs.py``, ``eta.py``: what is measured and where it is written;
+- ``signals.py`` (SIGTERM/SIGINT), ``memory.py`` (what to say when a step does not fit in the GPU).
 
 One optimizer step: ``grad_accum`` micro-batches (no gradient all-reduce until the last; each micro-step's logits
 are dropped before the next forward), global gradient-norm clipping (no norm at all when ``optim.grad_clip`` is
@@ -20,34 +21,34 @@ which would also upcast the returned [B, T, V] logits to fp32 — gigabytes for 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-import signal
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .. import dist, runs
-from ..config import Config, TrainSection, grad_accum_steps
+from ..config import Config, grad_accum_steps
 from ..data.loader import TokenLoader
 from ..device import autocast, autocast_dtype, hardware_summary, library_versions, peak_flops
 from ..errors import UserError
 from ..files import explain
 from ..models import Runtime, build_model, padding_params
 from ..optim import build_optimizers
-from ..optim.schedules import schedule_change, schedule_settings
 from . import checkpoint as ckpt
 from .eta import Eta
 from .evaluation import InLoopEvaluation
-from .guard import StepGuard, stop_advice, weights_norm
+from .guard import StepGuard, poisoned_message, stop_advice, weights_norm
 from .logs import close_run_log, open_run_log, setup_console_logging  # noqa: F401 -- setup_*: the commands' import
+from .memory import out_of_memory_message
 from .metrics import MetricsLogger, step_line, truncate_metrics
 from .parallelize import compiled, launch, on_main
 from .rundir import RunDir, saved_config, schedule_in_config
+from .signals import StopFlag
 
 log = logging.getLogger("gpt2forge.train")
 
@@ -66,83 +67,9 @@ class TrainResult:
     stopped_by_signal: bool = False
 
 
-class StopFlag:
-    """Set by SIGTERM/SIGINT: finish the step, save, exit. A second SIGINT aborts at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.previous = {}
-
-    def __enter__(self) -> StopFlag:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, _frame) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("%s received: finishing this step, saving a checkpoint, then exiting "
-                    "(Ctrl-C again to abort without saving)", signal.Signals(signum).name)
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-class Counters:
-    """The trainer's own position: the step (which fixes the LR, momentum, data and random state), the training
-    time over all launches, and the LR-schedule settings in force, checked against the config on resume."""
-
-    def __init__(self, config: Config, world_size: int) -> None:
-        self.config, self.world_size = config, world_size
-        self.step, self.elapsed_s = 0, 0.0
-        self.legacy_schedule: dict | None = None  # the schedule of a checkpoint whose train state lacks it
-        self.note: str | None = None  # what the schedule check found worth saying
-
-    def state_dict(self) -> dict:
-        c = self.config
-        return {"step": self.step, "tokens": self.step * c.train.total_batch_tokens, "elapsed_s": self.elapsed_s,
-                "world_size": self.world_size, "schedule": schedule_settings(c.optim, c.train.max_steps),
-                "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-
-    def load_state_dict(self, state: dict) -> None:
-        step, max_steps = int(state["step"]), self.config.train.max_steps
-        if step > max_steps:
-            started = (state.get("schedule") or {}).get("max_steps")
-            raise UserError(
-                f"the checkpoint is at step {step}, past train.max_steps={max_steps}: the run has trained further than "
-                f"this config asks (it was started with train.max_steps={started}). To train on, raise "
-                f"--train.max_steps above {step}; to use the checkpoint as it is: gpt2forge eval / sample / export"
-            )
-        stored = state.get("schedule")
-        c = self.config
-        self.note = schedule_change(stored if isinstance(stored, dict) else self.legacy_schedule, c.optim,
-                                    max_steps, step, c.train.reschedule)
-        self.step, self.elapsed_s = step, float(state.get("elapsed_s", 0.0))
-
-
 def seed_step(seed: int, step: int, rank: int) -> None:
     """Reseed torch's RNG from (seed, step, rank): the random state is a function of the step, never stored."""
     torch.manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0] >> 1))
-
-
-def smaller_micro_batch(train: TrainSection, world_size: int) -> int | None:
-    """A ``train.micro_batch_size`` to try after running out of memory: the largest at most half the current one
-    that still divides ``total_batch_tokens`` evenly (None below 1). A memory estimate could refine it."""
-    per_sequence = train.seq_len * world_size
-    return next((m for m in range(train.micro_batch_size // 2, 0, -1)
-                 if train.total_batch_tokens % (m * per_sequence) == 0), None)
-
-
-def out_of_memory_message(train: TrainSection, world_size: int, step: int) -> str:
-    smaller = smaller_micro_batch(train, world_size)
-    what = f"the GPU ran out of memory at step {step + 1} with train.micro_batch_size={train.micro_batch_size}"
-    if smaller is None:
-        return (f"{what}: even one sequence per GPU does not fit; use a smaller model, a shorter --train.seq_len, "
-                "or shard the model over more GPUs (--train.distributed=fsdp)")
-    return (f"{what}; use --train.micro_batch_size={smaller} (gradient accumulation keeps the batch of "
-            f"{train.total_batch_tokens:,} tokens)")
 
 
 class Trainer:
@@ -210,7 +137,7 @@ class Trainer:
         self.train_model = compiled(self.wrapped, c.train.compile)
         self.flops_per_token = self.model.flops_per_token(c.train.seq_len)
         self.peak_flops = peak_flops(p.device)
-        self.counters = Counters(c, p.world_size)
+        self.counters = ckpt.Counters(c, p.world_size)
         self.guard = StepGuard(c.train, c.model.vocab_size)
         self.pending_weights: torch.Tensor | None = None  # the weights' norm after the last update, not yet read
         self.last_step: dict = {}  # the previous step's numbers, for the message when its update broke the weights
@@ -294,7 +221,7 @@ class Trainer:
         if self.pending_weights is not None:
             self.pending_weights = None
             if not math.isfinite(values[-1]):
-                raise TrainingStopped(self.poisoned_message(self.step, self.last_step))
+                raise TrainingStopped(poisoned_message(self.step, self.last_step, self.advice()))
         return loss_value, norm_value
 
     def weights_finite(self) -> bool:
@@ -380,15 +307,6 @@ class Trainer:
     def advice(self) -> str:
         return stop_advice(self.last_checkpoint, self.rundir.resume_command, self.config.optim)
 
-    def poisoned_message(self, step: int, metrics: dict | None = None) -> str:
-        before = ""
-        if metrics:
-            norm = "not computed" if metrics["grad_norm"] is None else f"{metrics['grad_norm']:.4g}"
-            before = (f" (before it the loss {metrics['loss']:.4g}, gradient norm {norm} and LR {metrics['lr']:.3g} "
-                      "were finite)")
-        return (f"step {step}: the update left non-finite weights{before}. The run stopped without saving them: no "
-                f"checkpoint holds them. {self.advice()}")
-
     def log_evaluation(self) -> float | None:
         evals = self.evaluation.results(self.step)
         if not evals:
@@ -440,7 +358,7 @@ class Trainer:
         t0 = time.perf_counter()
         finite, loss = self.probe()
         if not finite:
-            raise TrainingStopped(self.poisoned_message(self.step, self.last_step))
+            raise TrainingStopped(poisoned_message(self.step, self.last_step, self.advice()))
         reason = self.guard.judge(loss, None, absolute_only=True)
         if reason is not None:
             self.guard.trouble(self.step, f"the weights after it score {reason} on the next batch")
@@ -461,10 +379,10 @@ class Trainer:
         """Save the step's checkpoint (all ranks take part; ``checked``: the weights were just found finite). A
         failed save stops the run on every rank: going on without checkpoints would put days of work at risk."""
         if not checked and not self.weights_finite():
-            raise TrainingStopped(self.poisoned_message(self.step))
+            raise TrainingStopped(poisoned_message(self.step, None, self.advice()))
         extra = {runs.RUN_CONFIG: saved_config(self.config)}
         if self.last_evals.get("step") == self.step:
-            extra["training_eval.json"] = json_text(self.last_evals)
+            extra["training_eval.json"] = json.dumps(self.last_evals, indent=2) + "\n"
         path, failure = None, None
         try:
             path = ckpt.save_checkpoint(self.run_dir, self.step, self.pieces, write=self.parallel.is_main,
@@ -482,10 +400,9 @@ class Trainer:
         return path
 
     def newest_checkpoint_clause(self) -> str:
-        if self.last_checkpoint is None:
-            return "no checkpoint of this run had been saved yet"
-        return f"the newest checkpoint, {self.last_checkpoint} (step {runs.checkpoint_step(self.last_checkpoint)}), " \
-               "is intact"
+        c = self.last_checkpoint
+        return f"the newest checkpoint, {c} (step {runs.checkpoint_step(c)}), is intact" if c else \
+            "no checkpoint of this run had been saved yet"
 
     def close(self) -> None:
         """Close the run's files and release its directory (safe to call more than once)."""
@@ -500,12 +417,6 @@ class Trainer:
         close_run_log(self._log_handler)
         self._log_handler = None
         self.rundir.release()
-
-
-def json_text(data: dict) -> str:
-    import json
-
-    return json.dumps(data, indent=2) + "\n"
 
 
 def train(config: Config, resume: str | None = None, argv: list[str] | None = None) -> TrainResult:
