@@ -25,7 +25,8 @@ from gpt2forge.config import load_config
 from gpt2forge.errors import UserError
 from gpt2forge.models.gpt2 import GPT
 from gpt2forge.train import checkpoint as ckpt
-from gpt2forge.train.trainer import Trainer, TrainingStopped, check_device_request, train
+from gpt2forge.train.parallelize import launch
+from gpt2forge.train.trainer import Trainer, TrainingStopped, train
 
 QUICK = {"eval.val_every": 0, "checkpoint.every": 2, "train.max_steps": 4}  # 4 steps, checkpoints at 2 and 4
 
@@ -310,10 +311,11 @@ def test_a_locked_run_refuses_every_rank_under_torchrun(data_dir, tmp_path):
     try:
         with pytest.raises(AssertionError) as failed:  # torchrun exits non-zero: every rank stopped, none hung
             torchrun(["train", *tiny_overrides(data_dir, tmp_path, **QUICK)])
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]
     finally:
         lock.release()
     assert "is in use by another training launch" in str(failed.value)
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]
+    assert str(failed.value).count("is in use by another training launch") == 1  # said once, not once per rank
 
 
 def test_lock_records_left_behind(tmp_path):
@@ -436,7 +438,7 @@ def test_a_loss_spike_is_skipped_logged_and_resumes_exactly(data_dir, tmp_path, 
     # stopped at step 7 and resumed: the window comes back from the checkpoint, so step 9 is skipped again
     monkeypatch.setattr(GPT, "forward", scale_loss({9}, 3.0))
     train(config(data_dir, tmp_path / "split", **{**SPIKY, "train.max_steps": 7}))
-    state = json.loads((tmp_path / "split" / "run" / "step-000007" / "train_state.json").read_text())
+    state = json.loads((tmp_path / "split" / "run" / "step-000007" / "guard.json").read_text())
     assert len(state["loss_window"]) == 6
     monkeypatch.setattr(GPT, "forward", scale_loss({2}, 3.0))  # the resumed launch counts its steps from 8
     resumed = train(config(data_dir, tmp_path / "split", **SPIKY), resume="auto")
@@ -445,17 +447,25 @@ def test_a_loss_spike_is_skipped_logged_and_resumes_exactly(data_dir, tmp_path, 
 
 def test_loss_spikes_in_a_row_count_toward_max_bad_steps(data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(GPT, "forward", scale_loss({7, 8, 9}, 5.0))
-    with pytest.raises(TrainingStopped, match="3 consecutive steps .* loss spike \\(first: step 7, last: step 9\\).*"
-                                              "no bad update reached the weights.*spike_zscore"):
+    with pytest.raises(TrainingStopped, match="3 consecutive steps were skipped.* loss spike \\(first: step 7, last: "
+                                              "step 9: loss .* is a spike.*None of them reached the weights.*"
+                                              "train.spike_\\*; 0 = off"):
         train(config(data_dir, tmp_path, **{**SPIKY, "train.max_bad_steps": 3}))
 
 
-def test_the_spike_guard_never_fires_without_its_history(data_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(GPT, "forward", scale_loss({3}, 3.0))  # a spike before spike_min_history losses
-    result = train(config(data_dir, tmp_path, **{**SPIKY, "train.max_steps": 4}))
-    assert result.losses[3] > 2 * result.losses[2]
-    state = json.loads((tmp_path / "run" / "step-000004" / "train_state.json").read_text())
+def test_the_zscore_rule_waits_for_its_history_the_absolute_rules_do_not(data_dir, tmp_path, monkeypatch):
+    """A 1.5× rise at step 3 is no spike for the absolute rules and too early for the z-score; a 10× one at step 1
+    (no history at all) is skipped by the margin rule."""
+    monkeypatch.setattr(GPT, "forward", scale_loss({3}, 1.5))
+    result = train(config(data_dir, tmp_path / "a", **{**SPIKY, "train.max_steps": 4}))
+    assert result.losses[3] > 1.3 * result.losses[2]
+    state = json.loads((tmp_path / "a" / "run" / "step-000004" / "guard.json").read_text())
     assert state["bad_steps"] == 0 and len(state["loss_window"]) == 4
+    monkeypatch.setattr(GPT, "forward", scale_loss({1}, 10.0))
+    train(config(data_dir, tmp_path / "b", **{**SPIKY, "train.max_steps": 8}))
+    state = json.loads((tmp_path / "b" / "run" / "step-000008" / "guard.json").read_text())
+    assert state["last_bad_step"] == 1 and "above ln(vocab)" in state["last_reason"]  # step 1 was skipped
+    assert state["bad_steps"] == 0 and len(state["loss_window"]) == 6  # steps 2-8 applied (the window keeps 6)
 
 
 # ---------------------------------------------------------------- the filesystem
@@ -635,16 +645,18 @@ def test_a_nan_learning_rate_on_the_command_line_exits_2(data_dir, tmp_path, mon
 
 def test_a_device_that_is_not_there_is_named_before_anything_starts(data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(UserError, match="train.device=cuda, but CUDA is not available here.*--train.device=cpu"):
+    with pytest.raises(UserError, match="--train.device=cuda: CUDA is not available here.*--train.device=cpu"):
         train(config(data_dir, tmp_path, **{**QUICK, "train.device": "cuda"}))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(UserError, match="train.device=cuda:7, but this machine has 1 CUDA device\\(s\\): cuda:0 to "
+    cfg = config(data_dir, tmp_path, **{**QUICK, "train.device": "cuda:7"})
+    with pytest.raises(UserError, match="--train.device=cuda:7: this machine has 1 CUDA device\\(s\\), cuda:0 to "
                                         "cuda:0"):
-        check_device_request("cuda:7")
+        launch(cfg.train)
     monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = config(data_dir, tmp_path, **{**QUICK, "train.device": "cuda:0"})
     with pytest.raises(UserError, match="each process takes the GPU of its local rank"):
-        check_device_request("cuda:0")
+        launch(cfg.train)
     assert not (tmp_path / "run").exists()
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import HELLASWAG_SAMPLE as SHARED  # 64 real validation rows, committed
 
+from gpt2forge import dist
 from gpt2forge.errors import UserError
 from gpt2forge.eval import hellaswag
 from gpt2forge.eval.hellaswag import evaluate_hellaswag, load_hellaswag
@@ -152,7 +153,7 @@ def test_ranks_score_disjoint_shares_and_counts_are_summed(tiny_model, monkeypat
     data = load_hellaswag(SHARED, limit=7)
     whole = evaluate_hellaswag(tiny_model, data, device="cpu", batch_size=4, progress=False)
     reduced = []
-    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t: reduced.append(t.clone()))
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op="sum": reduced.append(t.clone()) or t)
     parts = [
         evaluate_hellaswag(tiny_model, data, device="cpu", batch_size=4, rank=r, world_size=3, progress=False)
         for r in range(3)
@@ -204,7 +205,7 @@ def test_offline_without_a_local_file_says_to_pass_one(tmp_path, monkeypatch):
         raise OSError("Network is unreachable")
 
     monkeypatch.setattr(hellaswag, "_fetch", offline)
-    with pytest.raises(UserError, match="Network is unreachable.*--hellaswag-file PATH"):
+    with pytest.raises(UserError, match="Network is unreachable.*--hellaswag-file=PATH"):
         load_hellaswag(cache_dir=tmp_path)
     with pytest.raises(UserError, match=r"missing.jsonl \(--hellaswag-file\) does not exist"):
         load_hellaswag(tmp_path / "missing.jsonl")

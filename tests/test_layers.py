@@ -14,7 +14,8 @@ LAYERS = [
     {"optim", "data", "weights", "hf", "runs"},
     {"config"},
     {"models", "tokenizer", "hf_remote"},
-    {"files", "errors", "device", "progress"},
+    {"files", "device", "progress", "dist"},
+    {"errors"},
 ]
 SIDEWAYS = {("train", "eval"), ("train", "sample"), ("weights", "hf"), ("weights", "runs"),  # allowed within a layer
             ("eval", "sample"),  # the lm-eval adapter generates through sample.stream

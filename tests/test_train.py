@@ -129,7 +129,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(data_dir, tmp_path, monk
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
     cfg = config(data_dir, tmp_path, **{"train.max_bad_steps": 3, "eval.val_every": 0})
-    with pytest.raises(TrainingStopped, match="3 consecutive steps had a non-finite loss .* step 5"):
+    with pytest.raises(TrainingStopped, match="3 consecutive steps were skipped, with a non-finite .* last: step 5"):
         train(cfg)
     assert snapshots["last_update"] == 4  # the optimizer ran for steps 1-2 only (micro-calls 1-4)
     rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
@@ -146,7 +146,7 @@ def test_a_skipped_step_leaves_the_weights_unchanged(data_dir, tmp_path, monkeyp
         real_forward(self, idx, targets, cache)[0], real_forward(self, idx, targets, cache)[1] * float("inf")))
     out = trainer.train_step()
     trainer.close()
-    assert not out["finite"] and trainer.counters.bad_steps == 1
+    assert out["skipped"].startswith("non-finite loss inf") and trainer.guard.bad_steps == 1
     assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
     adamw = trainer.optimizers.optimizers["adamw"]
     assert adamw.state == {} or all(len(s) == 0 for s in adamw.state.values())
@@ -207,6 +207,7 @@ def test_data_dir_without_shards_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     result = run_cli(["train", *tiny_overrides(tmp_path / "empty", tmp_path)])
     assert result.returncode == 2 and "no train shards" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()  # the failed launch left no empty run directory with a .lock behind
     result = run_cli(["train", "--config", "quickstart", "--optim.lr=fast"])
     assert result.returncode == 2 and "optim.lr: cannot read 'fast' as float" in result.stderr
 

@@ -79,7 +79,9 @@ class OptimSection:
     fused: bool = True
     """Use the fused AdamW kernel where the device has one (CUDA and CPU: 4× faster optimizer steps on CPU)."""
     grad_clip: float = 1.0
-    """Clip the global gradient norm to this (0 = no clipping; the norm is still logged)."""
+    """Clip the global gradient norm to this. 0 = no clipping and no norm computed: grad_norm is logged empty, the
+    gradient-norm spike rule is off, and a non-finite gradient shows in the weights' check after the update (the
+    run stops, nothing is saved)."""
     muon_momentum: float = 0.95
     """Muon's momentum after its warmup."""
     muon_momentum_start: float = 0.85
@@ -129,14 +131,27 @@ class TrainSection:
     """ddp (replicate the model) or fsdp (shard parameters, gradients and optimizer state: the larger presets)."""
     max_bad_steps: int = 5
     """Stop the run after this many consecutive skipped steps (a non-finite loss or gradient norm, or a loss
-    spike): each is skipped, its update never applied."""
+    spike by any spike_* rule): each is skipped, its update never applied. While the latest step was skipped, or
+    when the weights to be saved score a spike on the next batch, no checkpoint is written (it waits for a healthy
+    step); a run that ends that way exits with an error naming its last healthy checkpoint."""
+    spike_loss_margin: float = 5.0
+    """Skip a step whose loss is above ln(vocab_size) + this many nats: a model that knows nothing scores
+    ln(vocab_size) and a healthy run, from its first step, is never far above; an exploded update lands far above.
+    Needs no history; 0 = off."""
+    spike_jump: float = 4.0
+    """Skip a step whose loss is more than this many times the previous applied step's (and more than 1 nat
+    above it); from the second step; 0 = off."""
+    spike_grad_ratio: float = 100.0
+    """Skip a step whose gradient norm is more than this many times the median norm of the last spike_window
+    applied steps; from the second step; not with optim.grad_clip = 0 (no norm is computed); 0 = off."""
     spike_zscore: float = 7.0
-    """Skip the update of a step whose loss is more than this many standard deviations above the mean loss of
-    the last spike_window applied (not skipped) steps: llm.c's loss z-score guard; 0 = off."""
+    """Skip a step whose loss is more than this many standard deviations above the mean loss of the last
+    spike_window applied (not skipped) steps: llm.c's loss z-score guard; 0 = off."""
     spike_window: int = 128
-    """How many recent applied steps' losses the spike guard compares against (kept in the checkpoint)."""
+    """How many recent applied steps' losses (and gradient norms) the spike guard keeps (in the checkpoint: the
+    guard applies from the first step of a resumed launch)."""
     spike_min_history: int = 128
-    """The spike guard acts only once this many losses are in its window (it never fires earlier)."""
+    """The z-score rule acts only once this many losses are in its window (the other rules need none)."""
     restart: bool = False
     """Start the run over from step 0 even though its directory has checkpoints: they (and metrics.csv) are
     moved to RUN_DIR/previous-<time>/, not deleted. For this launch only: the run's saved config says false."""
@@ -443,8 +458,8 @@ def validate(config: Config) -> None:
     non_negative = ["optim.min_lr", "optim.warmup_steps", "optim.weight_decay", "optim.matrix_weight_decay",
                     "optim.grad_clip", "optim.muon_momentum_warmup_steps", "eval.val_every", "eval.val_tokens",
                     "eval.hellaswag_every", "eval.hellaswag_limit", "eval.tasks_every", "eval.tasks_limit",
-                    "eval.sample_every", "eval.sample_tokens",
-                    "eval.num_samples", "checkpoint.every", "train.spike_zscore"]
+                    "eval.sample_every", "eval.sample_tokens", "eval.num_samples", "checkpoint.every",
+                    "train.spike_zscore", "train.spike_loss_margin", "train.spike_jump", "train.spike_grad_ratio"]
     for key in non_negative:
         if values[key] is not None and values[key] < 0:
             raise UserError(f"{key} must be ≥ 0, got {values[key]}")

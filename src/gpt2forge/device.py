@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
+
 # Dense bf16 peak (TFLOP/s) without sparsity, from the vendor sheets; matched against the CUDA device name.
 PEAK_BF16_TFLOPS = {
     "H200": 989.0,
@@ -44,6 +46,29 @@ def pick_device(name: str = "auto") -> str:
     if torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def resolve_device(name: str, flag: str = "--device") -> str:
+    """``pick_device(name)``, or a ``UserError`` naming ``flag`` when this machine cannot give what was asked: an
+    unknown name, CUDA (or its GPU N) where there is none, MPS off a Mac. Every command that takes a device asks
+    here before it starts, so a wrong one is one line, not torch's error from deep inside a model."""
+    try:
+        kind = torch.device(name).type if name != "auto" else "auto"
+    except RuntimeError:
+        kind = None
+    if kind not in ("auto", "cpu", "cuda", "mps"):
+        raise UserError(f"{flag}={name}: not a device this program knows; use auto, cpu, cuda, cuda:N or mps")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch is a CPU-only build" if torch.version.cuda is None
+                   else "no CUDA GPU is visible (driver? CUDA_VISIBLE_DEVICES?)")
+            raise UserError(f"{flag}={name}: CUDA is not available here ({why}); use {flag}=cpu (or auto)")
+        index, count = torch.device(name).index, torch.cuda.device_count()
+        if index is not None and index >= count:
+            raise UserError(f"{flag}={name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"{flag}={name}: MPS (an Apple GPU) is not available here; use {flag}=cpu (or auto)")
+    return pick_device(name)
 
 
 def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:

@@ -2,8 +2,9 @@
 
 ``out/<run>/`` holds ``config.toml`` (the resolved config), ``metrics.csv`` (one row per logged step and per
 evaluation, columns ``COLUMNS``), ``train.log``, ``run.json`` (one record per launch: command, versions,
-hardware), ``latest`` (the name of the newest complete checkpoint), the checkpoints ``step-NNNNNN/``, and
-``.lock`` (``RunLock``: held by the launch that trains in it; it names that launch). A
+hardware), ``latest`` (the name of the newest complete checkpoint), the checkpoints ``step-NNNNNN/``,
+``tracker_id`` (the run's id for W&B and the like), and ``.lock`` (``RunLock``: held by the launch that trains in
+it; it names that launch). The lifecycle of these files in a launch is ``train/rundir.py``'s. A
 checkpoint directory holds one file per stateful piece of the run (``train/checkpoint.py`` writes them) and a
 ``manifest.json`` with every file's size and sha256, written last: a checkpoint is complete exactly when its
 manifest is there, and verified when its files still match it.
@@ -39,6 +40,7 @@ METRICS = "metrics.csv"
 RUN_RECORD = "run.json"
 TRAIN_STATE = "train_state.json"
 LOCK = ".lock"
+TRACKER_ID = "tracker_id"
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 LEGACY_PIECES = ("model.safetensors", "optimizer.pt", "train_state.json", "rng.pt", "config.toml")  # before manifests
 COLUMNS = (
@@ -179,9 +181,10 @@ def append_launch(run_dir: Path, launch: dict) -> list[str]:
 
 def set_aside(run_dir: Path) -> Path | None:
     """Move a run's training history (checkpoints of every kind, ``latest``, ``metrics.csv``, ``config.toml``,
-    TensorBoard events) into ``RUN_DIR/previous-<UTC time>/`` so that the run can start over without deleting
-    anything. ``train.log`` and ``run.json`` stay: they record every launch. Returns the folder, or None."""
-    names = {LATEST, METRICS, RUN_CONFIG, "tensorboard"}
+    TensorBoard events, the tracker id) into ``RUN_DIR/previous-<UTC time>/`` so that the run can start over
+    without deleting anything. ``train.log`` and ``run.json`` stay: they record every launch. Returns the folder,
+    or None."""
+    names = {LATEST, METRICS, RUN_CONFIG, TRACKER_ID, "tensorboard"}
     moving = [p for p in sorted(run_dir.iterdir()) if p.name in names or p.name.startswith("step-")]
     if not moving:
         return None
@@ -218,12 +221,14 @@ class RunLock:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK
         self.file = None
+        self.created = False  # whether acquiring made the run directory (a failed launch then removes it)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def acquire(self, command: str = "") -> list[str]:
         """Take the lock, creating the run directory; raise ``RunLocked`` naming the holder. Returns warnings.
         Filesystem errors (the directory cannot be created or written) propagate as ``OSError``."""
+        self.created = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         f = open(self.path, "a+", encoding="utf-8")  # created if missing, never truncated before it is ours
         try:
@@ -286,9 +291,13 @@ class RunLock:
                 pass
 
     def release(self) -> None:
-        """Clear the record and unlock (also done by the kernel, minus the clearing, when the process dies)."""
+        """Clear the record and unlock (also done by the kernel, minus the clearing, when the process dies). A
+        directory this lock created and nothing else wrote into (a launch that failed at start-up) is removed."""
         if self.file is None:
             return
+        if self.created and [p.name for p in self.run_dir.iterdir()] == [LOCK]:
+            self.path.unlink()
+            self.run_dir.rmdir()
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)

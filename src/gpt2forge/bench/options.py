@@ -6,9 +6,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from ..device import pick_device
+from ..device import resolve_device
 from ..errors import UserError
 from ..models.gpt2 import PRESETS
 
@@ -62,12 +60,7 @@ class BenchOptions:
 
 def resolve_options(args) -> BenchOptions:
     """Per-device defaults for what was not given, and checks that fail before any work starts."""
-    device = pick_device(args.device)
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available (this torch build: "
-                        f"{torch.__version__}); use --device cpu")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps: Apple's Metal backend is not available here; use --device cpu")
+    device = resolve_device(args.device, "--device")
     preset, batch, seq_len, steps, repeats = DEFAULTS["quick" if args.quick else device]
     sections = tuple(s.strip() for s in (args.only or ",".join(SECTIONS)).split(",") if s.strip())
     unknown = [s for s in sections if s not in SECTIONS]

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+from .. import dist
 from ..errors import UserError
 from ..files import explain, is_filesystem_error
 
@@ -109,11 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(rest)
     if extra and not args.accepts_overrides:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.command, args.overrides = command, extra
+    args.command, args.overrides, args.argv = command, extra, argv
     try:
         args.run(args)
-    except UserError as e:
-        print(f"gpt2forge {command}: error: {e}", file=sys.stderr)
+    except UserError as e:  # under torchrun every rank has it: the main one says it (unless it is a rank's own)
+        if dist.is_main() or getattr(e, "every_rank", False):
+            rank = f" (rank {dist.rank()})" if dist.world_size() > 1 else ""
+            print(f"gpt2forge {command}{rank}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the last line of defence: a filesystem error nothing nearer the work explained
         if not is_filesystem_error(e):

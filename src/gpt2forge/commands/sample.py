@@ -35,14 +35,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..device import autocast, autocast_dtype, pick_device
+    from ..device import autocast, autocast_dtype, resolve_device
     from ..sample import check_options, print_samples
     from ..tokenizer import get_tokenizer
     from ..weights import load_model
 
     top_k = args.top_k or None  # 0 = off
     check_options(args.temperature, top_k, args.top_p)
-    device = pick_device(args.device)
+    device = resolve_device(args.device, "--device")
     model = load_model(args.model, device)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=top_k,
                    top_p=args.top_p, seed=args.seed)

@@ -21,8 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="recipe: a shipped name (quickstart, gpt2-124m-fineweb-edu-10b, …) or a TOML file "
                              "(a run's config.toml, or what --print-config printed)")
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
-                        help="continue a run: alone, from the newest complete checkpoint of the run directory "
-                             "(or start fresh if it has none); or from the given checkpoint / run directory")
+                        help="continue a run: alone, from the newest complete checkpoint of the run directory (if "
+                             "it has none, the run starts from step 0 with a warning: a resumable job's first "
+                             "launch); or from the given checkpoint / run directory (refused if it has none)")
     parser.add_argument("--data", metavar="DIR", help="token shard directory: short for --data.dir=DIR")
     parser.add_argument("--out", metavar="DIR", help="parent of the run directory: short for --log.out_dir=DIR")
     parser.add_argument("--print-config", action="store_true",
@@ -51,12 +52,13 @@ def run(args: argparse.Namespace) -> None:
         sys.stdout.write(to_toml(config))
         return
     from ..runs import format_duration
-    from ..train.trainer import setup_console_logging, train
+    from ..train.logs import setup_console_logging
+    from ..train.trainer import train
 
     setup_console_logging()
     if args.config is None:
         log.info("no --config given: using the defaults (the GPT-2 124M FineWeb-Edu recipe)")
-    result = train(config, args.resume)
+    result = train(config, args.resume, argv=args.argv)
     if not result.stopped_by_signal:
         log.info("done: %d steps, %s of training; run directory %s", result.step, format_duration(result.elapsed_s),
                  result.run_dir)

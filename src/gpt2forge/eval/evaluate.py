@@ -7,7 +7,8 @@ Face directories, hub names) get their results printed only unless ``--out`` is 
 a shared hub cache that is not ours to write into.
 
 Under ``torchrun`` every rank evaluates its share (val batches and HellaSwag examples are strided over ranks)
-and rank 0 prints and writes; the process group is created here when the launcher has not done so.
+and rank 0 prints and writes; the process group is joined here through accelerate (``dist.join``), as training
+joins it, when the launcher has not done so.
 """
 
 from __future__ import annotations
@@ -22,23 +23,6 @@ from ..files import atomic_write_json
 from ..runs import training_position
 
 PRECISIONS = ("fp32", "bf16", "auto")  # as train.precision: auto = bf16 on GPUs that compute it natively, else fp32
-
-
-def _init_distributed(device: str) -> tuple[int, int, str, bool]:
-    """(rank, world size, this rank's device, whether we created the process group) from torchrun's env vars."""
-    import torch
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), device, False
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return 0, 1, device, False
-    if device == "cuda":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return dist.get_rank(), world_size, device, True
 
 
 def format_table(results: dict) -> str:
@@ -108,7 +92,8 @@ def evaluate(
     ``progress``: bars over the batches on stderr (rank 0)."""
     import torch
 
-    from ..device import autocast_dtype, device_name, hardware_summary, library_versions, pick_device
+    from .. import dist
+    from ..device import autocast_dtype, device_name, hardware_summary, library_versions, resolve_device
     from ..weights import load_model, our_checkpoint
     from .hellaswag import evaluate_hellaswag, load_hellaswag
     from .tasks import evaluate_suite, load_task, parse_task_names
@@ -135,7 +120,8 @@ def evaluate(
                         "--lm-eval TASKS")
     if val_tokens is not None and data is None:
         raise UserError("--val-tokens needs --data DIR")
-    rank, world_size, device, created_group = _init_distributed(pick_device(device))
+    device, created_group = dist.join(resolve_device(device, "--device"))
+    rank, world_size = dist.rank(), dist.world_size()
     try:
         checkpoint = our_checkpoint(model)
         loaded = load_model(model, device)
@@ -185,7 +171,7 @@ def evaluate(
         return results
     finally:
         if created_group:
-            torch.distributed.destroy_process_group()
+            dist.leave()
 
 
 def results_path(results: dict, out: str | os.PathLike | None) -> Path | None:

@@ -65,12 +65,14 @@ def _fetch(url: str, dest: Path, timeout: float = 60.0) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def locate(path: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None) -> Path:
-    """The HellaSwag val file: ``path`` when given, else the cached download, downloading it when missing."""
+def locate(path: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None,
+           flag: str = "--hellaswag-file") -> Path:
+    """The HellaSwag val file: ``path`` when given, else the cached download, downloading it when missing.
+    ``flag``: how the calling command spells the file's option, for the messages."""
     if path is not None:
         path = Path(path).expanduser()
         if not path.is_file():
-            raise UserError(f"HellaSwag file {path} (--hellaswag-file) does not exist")
+            raise UserError(f"HellaSwag file {path} ({flag}) does not exist")
         return path
     cached = Path(cache_dir or default_cache_dir()) / Path(URL).name
     if cached.is_file():
@@ -80,7 +82,7 @@ def locate(path: str | os.PathLike | None = None, *, cache_dir: str | os.PathLik
     except Exception as e:  # offline, DNS, HTTP, disk: all end the same way for the user
         raise UserError(
             f"could not download HellaSwag from {URL} into {cached.parent} ({type(e).__name__}: {e}); "
-            "offline, pass a local copy of hellaswag_val.jsonl with --hellaswag-file PATH"
+            f"offline, pass a local copy of hellaswag_val.jsonl with {flag}=PATH"
         ) from None
     return cached
 
@@ -135,13 +137,15 @@ def load_hellaswag(
     limit: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     tokenizer=None,
+    flag: str = "--hellaswag-file",
 ) -> HellaSwagData:
-    """Read and tokenize HellaSwag (see ``locate`` for where it comes from); ``limit`` keeps the first N rows."""
+    """Read and tokenize HellaSwag (see ``locate`` for where it comes from, and ``flag``); ``limit`` keeps the
+    first N rows."""
     if tokenizer is None:
         from ..tokenizer import get_tokenizer
 
         tokenizer = get_tokenizer()
-    path = locate(path, cache_dir=cache_dir)
+    path = locate(path, cache_dir=cache_dir, flag=flag)
     digest = hashlib.sha256()
     examples, skipped, rows = [], [], 0
     with open(path, "rb") as f:

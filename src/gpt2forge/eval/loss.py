@@ -15,6 +15,8 @@ from collections.abc import Iterable
 
 import torch
 
+from .. import dist
+from ..device import autocast
 from ..errors import UserError
 from ..models import IGNORE_INDEX
 from ..progress import progress_bar
@@ -37,17 +39,13 @@ def evaluate_loss(
     """``{"loss", "tokens", "batches"}`` (and ``"bytes"``, ``"bpb"`` given ``token_bytes``, each token id's UTF-8
     byte count, ``bpb.token_byte_lengths``) over this rank's ``(x, y)`` batches, reduced over ``world_size`` ranks.
 
-    ``world_size`` defaults to torch.distributed's (1 when it is not initialised); every rank must call this,
+    ``world_size`` defaults to the launch's (``dist.world_size()``: 1 for one process); every rank must call this,
     even one with no batches. ``progress`` shows a bar over the batches on rank 0 (``total``: this rank's batch
     count, for the ETA; default ``len(batches)``, which ``val_batches`` has). The bar only counts batches:
     nothing is read back from the device per batch, so a compiled model runs as without it.
     """
-    import torch.distributed as dist
-
-    distributed = dist.is_available() and dist.is_initialized()
-    if world_size is None:
-        world_size = dist.get_world_size() if distributed else 1
-    progress = progress and (not distributed or dist.get_rank() == 0)
+    world_size = dist.world_size() if world_size is None else world_size
+    progress = progress and dist.is_main()
     if total is None and hasattr(batches, "__len__"):
         total = len(batches)
     device = torch.device(device)
@@ -63,8 +61,8 @@ def evaluate_loss(
         for x, y in progress_bar(batches, total=total, desc=desc, unit="batch", enabled=progress):
             # accumulated on the device: no host sync per batch
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                _, loss = model(x, targets=y)
+            with autocast(device, autocast_dtype):
+                loss = model(x, targets=y)[1]
             count = (y != IGNORE_INDEX).sum()
             loss_sum += torch.where(count > 0, loss.to(loss_sum.dtype) * count, 0.0)  # an all-padding batch: NaN
             tokens += count

@@ -23,6 +23,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from .. import dist
+from ..device import autocast
 from ..models import IGNORE_INDEX
 from ..tokenizer import EOT_TOKEN
 
@@ -158,7 +160,7 @@ def score_examples(
     batches = _batches(rows, batch_size, seq_len, n_batches, pad=EOT_TOKEN)
     for idx, tgt, n in progress_bar(batches, total=n_batches, desc=desc, unit="batch", enabled=progress):
         idx, tgt = idx.to(device, non_blocking=True), tgt.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with autocast(device, autocast_dtype):
             logits = model(idx)[0]
         mask = tgt != IGNORE_INDEX
         scored = logits[mask].float()  # [continuation tokens, V]: only these positions are ever normalised
@@ -175,14 +177,8 @@ def score_examples(
 
 
 def distributed_default(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """``rank``/``world_size``, each defaulting to torch.distributed's (0 and 1 when it is not initialised)."""
-    import torch.distributed as dist
-
-    initialised = dist.is_available() and dist.is_initialized()
-    return (
-        rank if rank is not None else (dist.get_rank() if initialised else 0),
-        world_size if world_size is not None else (dist.get_world_size() if initialised else 1),
-    )
+    """``rank``/``world_size``, each defaulting to the launch's (``dist``: 0 and 1 for one process)."""
+    return (dist.rank() if rank is None else rank, dist.world_size() if world_size is None else world_size)
 
 
 def score_share(model, examples: Sequence[Example], *, device, batch_size: int, seq_len: int, rank: int,
@@ -206,8 +202,4 @@ def sum_over_ranks(values: list[float], device, world_size: int) -> list[float]:
     """``values`` summed over ranks (float64: counts stay exact)."""
     if world_size == 1:
         return values
-    import torch.distributed as dist
-
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.cpu().tolist()
+    return dist.all_reduce(torch.tensor(values, dtype=torch.float64, device=device)).cpu().tolist()

@@ -1,6 +1,7 @@
 """Training checkpoints: a dict of stateful pieces, each saved to its own file, atomically, the newest K kept.
 
-The pieces are a dict ``{file name: stateful object}``; every object has ``state_dict()``/``load_state_dict()``
+The pieces are a dict ``{file name: stateful object}`` (the trainer's: the model, the optimizers, the loader,
+the ``Counters`` here, and the step guard); every object has ``state_dict()``/``load_state_dict()``
 (collective under FSDP: every rank calls them), and the format follows the file's suffix: ``.json`` (counters,
 the loader position), ``.pt`` (tensors: optimizer state, read with ``torch.load(weights_only=True)``),
 ``.safetensors`` (the model, its config in the metadata, so the weights load on their own for sampling and
@@ -24,19 +25,25 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from .. import runs
+from ..config import Config
 from ..errors import UserError
 from ..files import atomic_write_text, explain, free_space, fsync_dir
+from ..optim.schedules import schedule_change, schedule_settings
 from ..runs import MANIFEST, checkpoint_step, complete_checkpoints, step_dir_name
-from ..weights import MODEL_FILE, read_weights, save_weights  # noqa: F401 -- MODEL_FILE: the model piece's file
+from ..weights import MODEL_FILE, read_weights, save_weights
 
 OPTIMIZER_FILE = "optimizer.pt"
 LOADER_FILE = "loader.json"
+GUARD_FILE = "guard.json"
+# pieces that older checkpoints kept inside train_state.json: file name -> how to find their state there
+IN_OLDER_TRAIN_STATES = {LOADER_FILE: lambda state: state.get("loader"), GUARD_FILE: lambda state: state}
 
 
 class Piece(Protocol):
@@ -127,6 +134,38 @@ def _fsync_tree(directory: Path) -> None:
     fsync_dir(directory)
 
 
+class Counters:
+    """The trainer's own position: the step (which fixes the LR, momentum, data and random state), the training
+    time over all launches, and the LR-schedule settings in force, checked against the config on resume."""
+
+    def __init__(self, config: Config, world_size: int) -> None:
+        self.config, self.world_size = config, world_size
+        self.step, self.elapsed_s = 0, 0.0
+        self.legacy_schedule: dict | None = None  # the schedule of a checkpoint whose train state lacks it
+        self.note: str | None = None  # what the schedule check found worth saying
+
+    def state_dict(self) -> dict:
+        c = self.config
+        return {"step": self.step, "tokens": self.step * c.train.total_batch_tokens, "elapsed_s": self.elapsed_s,
+                "world_size": self.world_size, "schedule": schedule_settings(c.optim, c.train.max_steps),
+                "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+    def load_state_dict(self, state: dict) -> None:
+        step, max_steps = int(state["step"]), self.config.train.max_steps
+        if step > max_steps:
+            started = (state.get("schedule") or {}).get("max_steps")
+            raise UserError(
+                f"the checkpoint is at step {step}, past train.max_steps={max_steps}: the run has trained further than "
+                f"this config asks (it was started with train.max_steps={started}). To train on, raise "
+                f"--train.max_steps above {step}; to use the checkpoint as it is: gpt2forge eval / sample / export"
+            )
+        stored = state.get("schedule")
+        c = self.config
+        self.note = schedule_change(stored if isinstance(stored, dict) else self.legacy_schedule, c.optim,
+                                    max_steps, step, c.train.reschedule)
+        self.step, self.elapsed_s = step, float(state.get("elapsed_s", 0.0))
+
+
 class CheckpointSaveError(UserError):
     """A checkpoint could not be written; its temporary directory is gone and the earlier checkpoints are intact."""
 
@@ -209,8 +248,8 @@ def load_checkpoint(checkpoint: Path, pieces: dict[str, Piece], verify: bool = T
                             "checkpoint with --resume PATH")
     for name, piece in pieces.items():
         path = checkpoint / name
-        if not path.is_file() and name == LOADER_FILE and (checkpoint / runs.TRAIN_STATE).is_file():
-            state = read_piece(piece, checkpoint / runs.TRAIN_STATE).get("loader")  # older checkpoints kept it there
+        if not path.is_file() and name in IN_OLDER_TRAIN_STATES and (checkpoint / runs.TRAIN_STATE).is_file():
+            state = IN_OLDER_TRAIN_STATES[name](read_piece(piece, checkpoint / runs.TRAIN_STATE))
             if state is not None:
                 _load_piece(piece, state, path)
                 continue
@@ -312,3 +351,13 @@ def _instead(damaged: Path, how_to_resume) -> str:
     return (f"The newest intact checkpoint is {intact} (step {checkpoint_step(intact)}). To continue from it — the "
             f"checkpoints after it are then set aside as step-N.superseded, not deleted — run: "
             f"{how_to_resume(intact)}. Or restore {damaged.name} and run the same command again")
+
+
+def check_architecture(checkpoint: Path, config) -> None:
+    """Refuse to resume ``checkpoint`` into a model of another architecture (``config``: the run's model config)."""
+    from ..weights import read_model_config
+
+    stored = read_model_config(checkpoint / MODEL_FILE)
+    if stored is None or stored.to_dict() != config.to_dict():
+        raise UserError(f"{checkpoint} holds a different architecture ({stored}) than this run's model ({config}); "
+                        "resume with the same model settings")

@@ -10,34 +10,47 @@ Samples come from the uncompiled module on the main rank (KV-cached generation h
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
 from ..config import Config
 from ..data.loader import val_batches
 from ..device import autocast
+from ..errors import UserError
 
 log = logging.getLogger("gpt2forge.train")
 
 
 class InLoopEvaluation:
-    """The evaluations of one run; ``results(step)`` and ``samples(step)`` do what is due at ``step``."""
+    """The evaluations of one run; ``results(step)`` and ``samples(step)`` do what is due at ``step``, and tell
+    ``timed(kind, seconds)`` how long each took (the ETA counts them). ``notes``: what setting them up found worth
+    saying."""
 
     def __init__(self, config: Config, model: torch.nn.Module, train_model: torch.nn.Module, parallel,
-                 autocast_dtype: torch.dtype | None) -> None:
+                 autocast_dtype: torch.dtype | None, timed=lambda kind, seconds: None) -> None:
         self.config, self.model, self.train_model = config, model, train_model
-        self.parallel, self.autocast_dtype = parallel, autocast_dtype
+        self.parallel, self.autocast_dtype, self.timed = parallel, autocast_dtype, timed
+        self.notes: list[str] = []
+        e, t = config.eval, config.train
+        if e.val_every and 0 < e.val_tokens < t.seq_len:
+            raise UserError(f"--eval.val_tokens={e.val_tokens} is less than one val sequence (train.seq_len="
+                            f"{t.seq_len} tokens): raise it to at least {t.seq_len}, or 0 for the whole val split")
+        batch = t.micro_batch_size * t.seq_len
+        if e.val_every and 0 < e.val_tokens < batch:
+            self.notes.append(f"eval.val_tokens={e.val_tokens} is less than one val batch (train.micro_batch_size × "
+                              f"train.seq_len = {batch} tokens): each evaluation scores "
+                              f"{e.val_tokens // t.seq_len * t.seq_len} tokens (whole sequences), in one padded batch")
         self.hellaswag = None
-        if config.eval.hellaswag_every:
+        if e.hellaswag_every:
             from ..eval.hellaswag import load_hellaswag
 
-            e = config.eval
-            self.hellaswag = load_hellaswag(e.hellaswag_file or None, limit=e.hellaswag_limit or None)
+            self.hellaswag = load_hellaswag(e.hellaswag_file or None, limit=e.hellaswag_limit or None,
+                                            flag="--eval.hellaswag_file")
         self.tasks = []
-        if config.eval.tasks_every:
+        if e.tasks_every:
             from ..eval.tasks import load_task, parse_task_names
 
-            e = config.eval
             files = {"hellaswag": e.hellaswag_file} if e.hellaswag_file else {}
             self.tasks = [load_task(n, file=files.get(n), tasks_dir=e.tasks_dir or None, limit=e.tasks_limit or None,
                                     offline_hint=f"--eval.tasks_dir=DIR (holding {n}/ or {n}.jsonl)")
@@ -56,6 +69,7 @@ class InLoopEvaluation:
         from ..eval.loss import evaluate_loss
 
         c, p, results = self.config, self.parallel, {}
+        t0 = time.perf_counter()
         if self.due(c.eval.val_every, step):
             batches = val_batches(c.data.dir, c.train.micro_batch_size, c.train.seq_len, rank=p.rank,
                                   world_size=p.world_size, max_tokens=c.eval.val_tokens or None,
@@ -64,6 +78,8 @@ class InLoopEvaluation:
                                 world_size=p.world_size, progress=p.is_main, desc=f"step {step}: val loss",
                                 token_bytes=token_byte_lengths())
             results["val_loss"], results["val_bpb"], results["val_tokens"] = out["loss"], out["bpb"], out["tokens"]
+            self.timed("val", time.perf_counter() - t0)
+        t0 = time.perf_counter()
         if self.hellaswag is not None and self.due(c.eval.hellaswag_every, step):
             from ..eval.hellaswag import evaluate_hellaswag
 
@@ -73,6 +89,8 @@ class InLoopEvaluation:
                 world_size=p.world_size, progress=p.is_main,
             )
             results["hellaswag_acc"], results["hellaswag_acc_norm"] = out["acc"], out["acc_norm"]
+            self.timed("hellaswag", time.perf_counter() - t0)
+        t0 = time.perf_counter()
         if self.tasks and self.due(c.eval.tasks_every, step):
             from ..eval.tasks import evaluate_suite
 
@@ -83,6 +101,7 @@ class InLoopEvaluation:
             )
             results["core"] = out["core"]
             results.update({f"{name}_acc": r["accuracy"] for name, r in out["tasks"].items()})
+            self.timed("tasks", time.perf_counter() - t0)
         return results
 
     def samples(self, step: int) -> list[str]:
@@ -94,10 +113,11 @@ class InLoopEvaluation:
         from ..sample import generate_text
         from ..tokenizer import get_tokenizer
 
-        was_training = self.model.training
+        t0, was_training = time.perf_counter(), self.model.training
         self.model.eval()
         with autocast(p.device, self.autocast_dtype):
             texts = generate_text(self.model, get_tokenizer(), c.eval.sample_prompt, num_samples=c.eval.num_samples,
                                   max_new_tokens=c.eval.sample_tokens, top_k=50, seed=c.train.seed + step)
         self.model.train(was_training)
+        self.timed("samples", time.perf_counter() - t0)
         return texts

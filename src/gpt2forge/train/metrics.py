@@ -53,8 +53,9 @@ def check_trackers(names: list[str]) -> None:
         raise UserError(f"log.trackers: {', '.join(missing)} {verb} not installed here: pip install {packages}{extra}")
 
 
-def make_tracker(name: str, run_dir: Path, project: str, run_name: str):
-    """accelerate's tracker ``name`` for a run, started, used directly (the Accelerator is the trainer's)."""
+def make_tracker(name: str, run_dir: Path, project: str, run_name: str, run_id: str = ""):
+    """accelerate's tracker ``name`` for a run, started, used directly (the Accelerator is the trainer's).
+    ``run_id``: the run's own id (``RUN_DIR/tracker_id``: new per run and per restart), kept apart from its name."""
     from accelerate import tracking
     from accelerate.state import PartialState
 
@@ -63,8 +64,8 @@ def make_tracker(name: str, run_dir: Path, project: str, run_name: str):
     cls = tracking.LOGGER_TYPE_TO_CLASS[name]
     if name == "tensorboard":  # events in RUN_DIR/tensorboard, as `tensorboard --logdir out` expects
         tracker = cls("tensorboard", run_dir)
-    elif name == "wandb":  # resumable: a resumed run continues the same W&B run
-        tracker = cls(project, name=run_name, id=run_name or None, resume="allow", dir=str(run_dir))
+    elif name == "wandb":  # resumable: a resumed run continues the same W&B run, a restart starts a new one
+        tracker = cls(project, name=run_name, id=run_id or None, resume="allow", dir=str(run_dir))
     elif name == "mlflow":
         tracker = cls(experiment_name=project, run_name=run_name)
     elif name == "aim":  # one Aim repository for the runs under out_dir, so they can be compared
@@ -100,7 +101,7 @@ class MetricsLogger:
     numbers to the experiment trackers named in ``trackers`` (accelerate's: tensorboard, wandb, mlflow, …)."""
 
     def __init__(self, run_dir: Path, *, trackers: str | list[str] | tuple[str, ...] = (), project: str = "gpt2forge",
-                 run_name: str = "", config: dict | None = None) -> None:
+                 run_name: str = "", run_id: str = "", config: dict | None = None) -> None:
         trackers = tracker_names(trackers) if isinstance(trackers, str) else list(trackers)  # "a,b" = log.trackers
         check_trackers(trackers)
         self.path = run_dir / "metrics.csv"
@@ -112,7 +113,7 @@ class MetricsLogger:
         self.trackers = []
         try:
             for name in trackers:
-                tracker = make_tracker(name, run_dir, project, run_name or run_dir.name)
+                tracker = make_tracker(name, run_dir, project, run_name or run_dir.name, run_id)
                 self.trackers.append(tracker)
                 if config is not None:
                     tracker.store_init_configuration(_flat(config))
@@ -161,7 +162,7 @@ def step_line(row: dict, max_steps: int, eta_s: float | None) -> str:
         f"step {row['step']:>{len(str(max_steps))}}/{max_steps}",
         f"loss {row['loss']:.4f}",
         f"lr {row['lr']:.2e}",
-        f"norm {row['grad_norm']:.3f}",
+        "norm -" if row["grad_norm"] is None else f"norm {row['grad_norm']:.3f}",  # None: grad_clip 0, not computed
         f"{row['step_ms']:.1f} ms",
         f"{row['tokens_per_s']:,.0f} tok/s",
     ]

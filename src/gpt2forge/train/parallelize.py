@@ -19,9 +19,11 @@ from pathlib import Path
 
 import torch
 
+from .. import dist
 from ..config import TrainSection
-from ..device import autocast_dtype, pick_device
+from ..device import autocast_dtype, pick_device, resolve_device
 from ..errors import UserError
+from ..files import explain
 
 log = logging.getLogger("gpt2forge.train")
 
@@ -165,3 +167,42 @@ def compiled(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
     from torch.distributed.fsdp import FSDPModule
 
     return torch.compile(model) if enabled and not isinstance(model, FSDPModule) else model
+
+
+# ---------------------------------------------------------------- the launch's device, and decisions across ranks
+def launch(train: TrainSection) -> Parallel:
+    """``start``, after refusing a device this machine does not have (before accelerate fails deep inside) and
+    before checking that accelerate placed the process where it was asked. ``cuda:N`` in one process makes GPU N
+    the current one (accelerate then places the run there)."""
+    wanted = train.device
+    resolve_device(wanted, "--train.device")
+    index = torch.device(wanted).index if wanted.startswith("cuda") else None
+    if index is not None:
+        if dist.launched_world_size() > 1:
+            raise UserError(f"--train.device={wanted}: under torchrun / accelerate launch each process takes the GPU "
+                            "of its local rank; use --train.device=cuda (and CUDA_VISIBLE_DEVICES to pick GPUs)")
+        torch.cuda.set_device(index)
+    parallel = start(train)
+    if wanted not in ("auto", "cpu") and parallel.device.type != torch.device(wanted).type:
+        raise UserError(f"--train.device={wanted} requested, but accelerate placed this process on {parallel.device}")
+    return parallel
+
+
+def on_main(action):
+    """Run ``action`` on the main rank only; every rank gets its return value, or raises its error (a
+    ``UserError``; an ``OSError`` is explained). So a refusal on the main rank stops every rank alike."""
+    result, message, error = None, None, None
+    if dist.is_main():
+        try:
+            result = action()
+        except UserError as e:
+            error, message = e, str(e)
+        except OSError as e:
+            message = explain(e)
+            error = UserError(message)
+        except Exception as e:  # a bug: the main rank shows its traceback, the others do not hang
+            error, message = e, f"the main process failed ({type(e).__name__}: {e})"
+    result, message = dist.broadcast_object((result, message))
+    if message is not None:
+        raise error if error is not None else UserError(message)
+    return result
