@@ -151,7 +151,7 @@ def test_print_config_prints_a_recipe_that_reads_back_identically(tmp_path, caps
     saved = tmp_path / "printed.toml"
     saved.write_text(printed)
     assert load_config(str(saved)) == load_config(recipe, overrides)
-    assert to_toml(load_config(str(saved))) == printed
+    assert printed.startswith("# memory per rank") and printed.endswith(to_toml(load_config(str(saved))))
 
 
 def test_trackers_setting_and_the_old_switches():

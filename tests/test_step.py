@@ -14,7 +14,7 @@ from test_train import config, tiny_overrides
 import gpt2forge
 from gpt2forge.models.gpt2 import GPT
 from gpt2forge.train.eta import Eta, events_left
-from gpt2forge.train.memory import smaller_micro_batch
+from gpt2forge.train.memory_estimate import smaller_micro_batch
 from gpt2forge.train.trainer import Trainer, train
 
 PACKAGE = str(Path(gpt2forge.__file__).parent)

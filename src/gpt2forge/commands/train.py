@@ -27,8 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", metavar="DIR", help="token shard directory: short for --data.dir=DIR")
     parser.add_argument("--out", metavar="DIR", help="parent of the run directory: short for --log.out_dir=DIR")
     parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config (recipe + overrides) as TOML and exit without training; "
-                             "saved to a file, it is a recipe: --config FILE gives the same config")
+                        help="print the resolved config (recipe + overrides) as TOML, headed by the memory per rank "
+                             "it needs by the estimate as comments, and exit without training; saved to a file, it is "
+                             "a recipe: --config FILE gives the same config")
     width = max(70, min(shutil.get_terminal_size((100, 24)).columns, 120)) - 2
     parser.epilog = config_help(width)
 
@@ -49,7 +50,9 @@ def resolve(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> None:
     config = resolve(args)
     if args.print_config:
-        sys.stdout.write(to_toml(config))
+        from ..train.memory_estimate import config_comments
+
+        sys.stdout.write(config_comments(config) + to_toml(config))
         return
     from ..runs import format_duration
     from ..train.logs import setup_console_logging

@@ -24,6 +24,7 @@ from ..config import TrainSection
 from ..device import autocast_dtype, pick_device, resolve_device
 from ..errors import UserError
 from ..files import explain
+from .slurm import adopt_slurm_task
 
 log = logging.getLogger("gpt2forge.train")
 
@@ -93,13 +94,14 @@ class Parallel:
 
 
 def start(train: TrainSection) -> Parallel:
-    """Join the process group the launcher (torchrun, accelerate launch, or none) describes, on any device.
+    """Join the process group the launcher (torchrun, accelerate launch, srun, or none) describes, on any device.
 
     The device is resolved first: accelerate forms a CPU process group only when told the run is on the CPU,
     and without that N launched processes would each train alone, as rank 0, into the same run directory.
     """
     from accelerate import Accelerator
 
+    adopt_slurm_task()  # srun without torchrun: RANK, WORLD_SIZE, ... from SLURM's variables (or a refusal)
     refuse_single_process_accelerate_launch()
     device = pick_device(train.device)
     launched = int(os.environ.get("WORLD_SIZE", "1"))

@@ -44,7 +44,7 @@ from .eta import Eta
 from .evaluation import InLoopEvaluation
 from .guard import StepGuard, poisoned_message, stop_advice, weights_norm
 from .logs import close_run_log, open_run_log, setup_console_logging  # noqa: F401 -- setup_*: the commands' import
-from .memory import out_of_memory_message
+from .memory_estimate import explain_out_of_memory, memory_summary
 from .metrics import MetricsLogger, llmc_flops_per_token, mfu, step_line, truncate_metrics
 from .parallelize import compiled, launch, on_main
 from .rundir import RunDir, saved_config, schedule_in_config
@@ -173,6 +173,7 @@ class Trainer:
             c.train.micro_batch_size, c.train.seq_len, p.world_size, self.grad_accum,
             f"resuming from {self.resume_from} at step {self.step}" if self.resume_from else "fresh start",
         )
+        log.info(memory_summary(c, p.world_size, self.autocast_dtype is not None, p.device))
 
     # ---------------------------------------------------------------- the step
     def train_step(self) -> dict:
@@ -242,35 +243,31 @@ class Trainer:
             log.info("the run is complete: step %d = train.max_steps; nothing to train (raise --train.max_steps "
                      "to train on)", self.step)
         self.wrapped.train()
-        with StopFlag() as self.stop:
-            try:
-                if self.step == 0:  # the untrained model's numbers anchor the curves
-                    result.val_loss = self.log_evaluation()
-                while self.step < until:
-                    t0 = time.perf_counter()
-                    metrics = self.train_step()
-                    dt = time.perf_counter() - t0
-                    self.counters.elapsed_s += dt
-                    self.eta.add("step", dt)
-                    result.losses[self.step] = metrics["loss"]
-                    self.log_step(metrics, dt)
-                    self.check_step(metrics)
-                    val = self.log_evaluation()
-                    result.val_loss = val if val is not None else result.val_loss
-                    for i, text in enumerate(self.evaluation.samples(self.step)):
-                        log.info("sample %d: %s", i, (c.eval.sample_prompt + text).replace("\n", "\\n"))
-                    stop_now = self.stop_requested()
-                    if (stop_now or self.save_postponed or self.evaluation.due(c.checkpoint.every, self.step)
-                            or self.step == c.train.max_steps):
-                        self.save(final=stop_now or self.step == c.train.max_steps)
-                    if stop_now:
-                        result.stopped_by_signal = True
-                        log.info("stopped at step %d; resume with --resume", self.step)
-                        break
-            except torch.cuda.OutOfMemoryError:
-                error = UserError(out_of_memory_message(c.train, self.parallel.world_size, self.step))
-                error.every_rank = True  # a rank's own trouble: printed by it, not only by the main rank
-                raise error from None
+        bf16, p = self.autocast_dtype is not None, self.parallel
+        with StopFlag() as self.stop, explain_out_of_memory(c, p.world_size, bf16, p.device, lambda: self.step):
+            if self.step == 0:  # the untrained model's numbers anchor the curves
+                result.val_loss = self.log_evaluation()
+            while self.step < until:
+                t0 = time.perf_counter()
+                metrics = self.train_step()
+                dt = time.perf_counter() - t0
+                self.counters.elapsed_s += dt
+                self.eta.add("step", dt)
+                result.losses[self.step] = metrics["loss"]
+                self.log_step(metrics, dt)
+                self.check_step(metrics)
+                val = self.log_evaluation()
+                result.val_loss = val if val is not None else result.val_loss
+                for i, text in enumerate(self.evaluation.samples(self.step)):
+                    log.info("sample %d: %s", i, (c.eval.sample_prompt + text).replace("\n", "\\n"))
+                stop_now = self.stop_requested()
+                if (stop_now or self.save_postponed or self.evaluation.due(c.checkpoint.every, self.step)
+                        or self.step == c.train.max_steps):
+                    self.save(final=stop_now or self.step == c.train.max_steps)
+                if stop_now:
+                    result.stopped_by_signal = True
+                    log.info("stopped at step %d; resume with --resume", self.step)
+                    break
         result.step, result.elapsed_s = self.step, self.counters.elapsed_s
         return result
 
