@@ -19,11 +19,21 @@ import torch.nn.functional as F
 from .common import IGNORE_INDEX
 
 CHUNK_BYTES = 1 << 28  # one fp32 chunk: 256 MB (1,334 rows of 50,304 columns), whatever the batch
+SOFTCAP_FORMS = ("tanh", "algebraic")
 
 
-def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
-    """``cap·tanh(logits/cap)`` in fp32 (bf16 steps are 1/16 near a cap of 15); ``cap=0`` = unchanged."""
-    return cap * torch.tanh(logits.float() / cap) if cap else logits
+def softcap(logits: torch.Tensor, cap: float, form: str = "tanh") -> torch.Tensor:
+    """The logit soft cap in fp32 (bf16 steps are 1/16 near a cap of 15); ``cap=0`` = unchanged.
+    ``tanh``: ``cap·tanh(x/cap)`` (Gemma 2); ``algebraic``: ``cap·x/sqrt(x²+cap²)`` (modded-nanogpt track 3),
+    computed as ``x·s`` with ``s = cap/sqrt(x²+cap²)``, the same operations as the chunked loss."""
+    if not cap:
+        return logits
+    if form == "tanh":
+        return cap * torch.tanh(logits.float() / cap)
+    if form == "algebraic":
+        x = logits.float()
+        return x * (x.square() + cap * cap).rsqrt().mul(cap)
+    raise ValueError(f"soft-cap form must be one of {SOFTCAP_FORMS}, got {form!r}")
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -32,24 +42,32 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
-                          cap: float = 0.0) -> torch.Tensor:
-    """The chunked loss on the head's padded logits [..., V_padded]; NaN when every target is ignored."""
-    return ChunkedCrossEntropy.apply(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), vocab_size, cap)
+                          cap: float = 0.0, form: str = "tanh") -> torch.Tensor:
+    """The chunked loss on the head's padded logits [..., V_padded], soft-capped as ``softcap(…, cap, form)``;
+    NaN when every target is ignored."""
+    if form not in SOFTCAP_FORMS:
+        raise ValueError(f"soft-cap form must be one of {SOFTCAP_FORMS}, got {form!r}")
+    return ChunkedCrossEntropy.apply(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), vocab_size, cap,
+                                     form)
 
 
 def chunk_rows(logits: torch.Tensor) -> int:
     return max(1, CHUNK_BYTES // (4 * logits.size(1)))
 
 
-def _chunk(logits: torch.Tensor, start: int, end: int, vocab_size: int,
-           cap: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Rows ``start:end``: capped fp32 logits with the padded columns at -inf, and tanh(logits/cap), which the
-    backward reuses for the cap's derivative (None without a cap). The same operations as ``softcap``: on a CPU
-    these passes over [rows, V] are most of the cap's cost, so each is done once."""
+def _chunk(logits: torch.Tensor, start: int, end: int, vocab_size: int, cap: float,
+           form: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows ``start:end``: capped fp32 logits with the padded columns at -inf, and the factor the backward turns
+    in place into the cap's derivative (None without a cap): ``t = tanh(x/cap)`` (derivative 1 - t²) or
+    ``s = cap/sqrt(x²+cap²)`` (capped = x·s, derivative cap³/(x²+cap²)^{3/2} = s³). The same operations as
+    ``softcap``: on a CPU these passes over [rows, V] are most of the cap's cost, so each is done once."""
     raw = logits[start:end].float()
-    if cap:
+    if cap and form == "tanh":
         t = (raw / cap).tanh_()
         x = t * cap
+    elif cap:
+        t = raw.square().add_(cap * cap).rsqrt_().mul_(cap)
+        x = raw * t
     else:
         t, x = None, raw.clone()
     x[:, vocab_size:] = float("-inf")
@@ -60,7 +78,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     """Cross-entropy of [N, V_padded] logits, chunked over rows; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, cap: float) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, cap: float,
+                form: str) -> torch.Tensor:
         valid = targets != IGNORE_INDEX
         picked = torch.where(valid, targets, 0)[:, None]
         lse = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)
@@ -68,13 +87,13 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         rows = chunk_rows(logits)
         for start in range(0, logits.size(0), rows):
             end = start + rows
-            x, _ = _chunk(logits, start, end, vocab_size, cap)
+            x, _ = _chunk(logits, start, end, vocab_size, cap, form)
             lse[start:end] = chunk_lse = torch.logsumexp(x, dim=1)
             nll = chunk_lse - x.gather(1, picked[start:end]).squeeze(1)
             total = total + torch.where(valid[start:end], nll, 0.0).sum()
         count = valid.sum()
         ctx.save_for_backward(logits, picked, valid, lse, count)
-        ctx.vocab_size, ctx.cap = vocab_size, cap
+        ctx.vocab_size, ctx.cap, ctx.form = vocab_size, cap, form
         return total / count
 
     @staticmethod
@@ -85,11 +104,13 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         rows = chunk_rows(logits)
         for start in range(0, logits.size(0), rows):
             end = start + rows
-            x, t = _chunk(logits, start, end, ctx.vocab_size, ctx.cap)
+            x, t = _chunk(logits, start, end, ctx.vocab_size, ctx.cap, ctx.form)
             g = torch.exp(x - lse[start:end, None])  # softmax; 0 on the padded columns
             g.scatter_add_(1, picked[start:end], torch.full_like(g[:, :1], -1.0))
             g *= valid[start:end, None] * scale
-            if ctx.cap:
+            if ctx.cap and ctx.form == "tanh":
                 g *= t.square_().neg_().add_(1)  # d cap·tanh(x/cap) / dx = 1 - tanh², in place
+            elif ctx.cap:
+                g *= t.pow_(3)  # d cap·x/sqrt(x²+cap²) / dx = cap³/(x²+cap²)^{3/2} = s³, in place
             grad_logits[start:end] = g.to(grad_logits.dtype)
-        return grad_logits, None, None, None
+        return grad_logits, None, None, None, None
