@@ -156,3 +156,52 @@ def test_tanh_path_is_bit_identical_to_before(monkeypatch, dtype, cap):
     assert torch.equal(new, old) and torch.equal(new_grad, old_grad)
     x = logits[:, :100]
     assert torch.equal(lm.softcap(x, cap), base.softcap(x, cap))
+
+
+def test_compiled_callers_get_fused_chunks_with_the_same_numbers(monkeypatch):
+    """Under torch.compile the op runs compiled per-chunk functions (the one-hot subtraction fused into one pass):
+    loss and gradient still equal the reference's to fp32 rounding (bf16 gradients: to one bf16 step)."""
+    monkeypatch.setattr(lm, "CHUNK_BYTES", 7 * 4 * 128)
+    torch.manual_seed(3)
+    logits = torch.randn(50, 128) * 6
+    targets = torch.randint(0, 100, (50,))
+    targets[:3] = IGNORE_INDEX
+    compiled = torch.compile(lm.chunked_cross_entropy, fullgraph=True)
+    for dtype, cap, form in [(torch.float32, 0.0, "tanh"), (torch.float32, 15.0, "tanh"),
+                             (torch.float32, 15.0, "algebraic"), (torch.bfloat16, 15.0, "tanh")]:
+        (ref, ref_grad), _ = both(logits.to(dtype), targets, 100, cap, form)
+        x = logits.to(dtype).clone().requires_grad_()
+        value = compiled(x, targets, 100, cap, form)
+        value.backward()
+        assert value.item() == pytest.approx(ref.item(), rel=1e-6), (dtype, cap, form)
+        rtol = 1e-4 if dtype == torch.float32 else 2**-7  # bf16: the fused fp32 sum may round to the next bf16
+        assert x.grad.dtype == dtype and torch.allclose(x.grad.float(), ref_grad.float(), rtol=rtol, atol=1e-6)
+        assert torch.count_nonzero(x.grad[:3]) == 0 and torch.count_nonzero(x.grad[:, 100:]) == 0
+
+
+def test_compiled_graph_is_one_op_whatever_the_number_of_chunks(monkeypatch):
+    """torch.compile sees the forward and the backward as one custom op each: the traced graphs are the same few
+    nodes for 1, 8 or 50 chunks (the chunk loop used to be unrolled into them: ~30 nodes per chunk)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def graphs(rows_per_chunk):
+        monkeypatch.setattr(lm, "CHUNK_BYTES", rows_per_chunk * 4 * 128)
+        seen = []
+
+        def record(gm, example_inputs):
+            seen.append([str(node.target) for node in gm.graph.nodes if node.op == "call_function"])
+            return make_boxed_func(gm.forward)
+
+        torch._dynamo.reset()
+        x = torch.empty(50, 128, device="meta", requires_grad=True)  # runs the ops' fake impls only
+        backend = aot_autograd(fw_compiler=record, bw_compiler=record)
+        torch.compile(lm.chunked_cross_entropy, backend=backend, fullgraph=True)(
+            x, torch.zeros(50, dtype=torch.long, device="meta"), 100, 15.0).backward()
+        return seen
+
+    forward, backward = graphs(50)
+    assert [op for op in forward if "gpt2forge" in op] == ["gpt2forge.chunked_cross_entropy.default"]
+    assert [op for op in backward if "gpt2forge" in op] == ["gpt2forge.chunked_cross_entropy_backward.default"]
+    assert len(forward) + len(backward) < 10
+    assert graphs(7) == graphs(1) == [forward, backward]
