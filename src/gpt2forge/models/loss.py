@@ -121,6 +121,13 @@ def _chunk_fn(name: str, fused: bool):
     return _compiled_chunks[name]
 
 
+def _same_dispatch_context():
+    """Below ADInplaceOrView, as AOTAutograd's first call of a compiled graph runs custom ops (inside its aliasing
+    check's dispatch mode): the chunk functions then see one dispatch key set on every call, so their compiled
+    guards hold and each compiles once, not twice. Nothing in the chunk loop needs autograd's view tracking."""
+    return torch._C._AutoDispatchBelowADInplaceOrView()
+
+
 @torch.library.custom_op("gpt2forge::chunked_cross_entropy", mutates_args=())
 def _chunked_loss(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, cap: float, form: str,
                   fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,10 +137,11 @@ def _chunked_loss(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, 
     lse = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)
     total = torch.zeros((), dtype=torch.float32, device=logits.device)
     forward, rows = _chunk_fn("forward", fused), chunk_rows(logits)
-    for start in range(0, logits.size(0), rows):
-        chunk = slice(start, start + rows)
-        lse[chunk], nll = forward(logits[chunk], picked[chunk], valid[chunk], vocab_size, cap, form)
-        total = total + nll
+    with _same_dispatch_context():
+        for start in range(0, logits.size(0), rows):
+            chunk = slice(start, start + rows)
+            lse[chunk], nll = forward(logits[chunk], picked[chunk], valid[chunk], vocab_size, cap, form)
+            total = total + nll
     return total / valid.sum(), lse
 
 
@@ -151,10 +159,11 @@ def _chunked_loss_backward(grad: torch.Tensor, logits: torch.Tensor, targets: to
     grad_logits = torch.empty_like(logits)
     scale = (grad / valid.sum()).float()
     backward, rows = _chunk_fn("backward", fused), chunk_rows(logits)
-    for start in range(0, logits.size(0), rows):
-        chunk = slice(start, start + rows)
-        backward(grad_logits[chunk], logits[chunk], picked[chunk], valid[chunk], lse[chunk], scale, vocab_size, cap,
-                 form, fused)
+    with _same_dispatch_context():
+        for start in range(0, logits.size(0), rows):
+            chunk = slice(start, start + rows)
+            backward(grad_logits[chunk], logits[chunk], picked[chunk], valid[chunk], lse[chunk], scale, vocab_size,
+                     cap, form, fused)
     return grad_logits
 
 
