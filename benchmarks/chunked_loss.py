@@ -110,7 +110,7 @@ def run_times(before, n_rows: int, rounds: int) -> dict:
     logits = torch.randn(n_rows, COLUMNS) * 4
     targets = torch.randint(0, VOCAB, (n_rows,))
     x = logits.clone().requires_grad_()
-    contenders, first_call, results = {}, {}, {}
+    contenders, first_call, before_results, agreement = {}, {}, {}, {}
     for label, version, module, cap, form in variants(before):
         for mode in ("eager", "compiled"):
             fn = loss_fn(module, cap, form)
@@ -125,20 +125,18 @@ def run_times(before, n_rows: int, rounds: int) -> dict:
 
             key = (label, mode, version)
             start = time.perf_counter()
-            value, grad = step()
+            v1, g1 = step()
             first_call[key] = time.perf_counter() - start
-            results[key] = (value, grad.clone())
             contenders[key] = step
             print(f"first call {key}: {first_call[key]:.1f} s", flush=True)
-    agreement = {}
-    for label, mode, version in contenders:
-        if version == "after" and (label, mode, "before") in results:
-            (v0, g0), (v1, g1) = results[(label, mode, "before")], results[(label, mode, "after")]
-            agreement[f"{label}, {mode}"] = {
-                "bit_identical": bool(torch.equal(v0, v1) and torch.equal(g0, g1)),
-                "loss_rel_diff": abs((v1 - v0) / v0).item(),
-                "grad_max_abs_diff": (g1 - g0).abs().max().item(), "grad_max_abs": g0.abs().max().item()}
-    results.clear()
+            if version == "before":  # kept until AFTER's gradient is there to compare (1.6 GB each)
+                before_results[(label, mode)] = v1, g1.clone()
+            elif (label, mode) in before_results:
+                v0, g0 = before_results.pop((label, mode))
+                agreement[f"{label}, {mode}"] = {
+                    "bit_identical": bool(torch.equal(v0, v1) and torch.equal(g0, g1)),
+                    "loss_rel_diff": abs((v1 - v0) / v0).item(),
+                    "grad_max_abs_diff": (g1 - g0).abs().max().item(), "grad_max_abs": g0.abs().max().item()}
     samples = {key: [] for key in contenders}
     order = list(contenders)
     for r in range(rounds):
