@@ -8,9 +8,9 @@ callers and as compiled per-chunk functions for compiled ones). Measured, side b
 - **graph**: FX nodes of the forward and backward graphs AOTAutograd hands to the compiler, at B·T = 8,192 and
   65,536 rows of 50,304 columns (traced on meta tensors, so nothing is computed), and the seconds the trace takes;
 - **time**: CPU fp32 forward+backward of the loss at B·T = ``--rows`` × 50,304, eager and under torch.compile
-  (inductor), without and with the soft cap; each contender's first compiled call (compilation included) once,
-  then ``--rounds`` rounds that run every contender once, the order reversed every other round; medians of the
-  rounds in which other processes kept < 0.25 cores busy (of all rounds when none was).
+  (inductor), without and with the soft cap; each contender's first call once (compilation included, inductor's
+  on-disk caches off), then ``--rounds`` rounds that run every contender once, the order reversed every other
+  round; medians of the rounds in which other processes kept < 0.25 cores busy (of all rounds when none was).
 
     python benchmarks/chunked_loss.py [--base 621a58c] [--rows 8192] [--rounds 5]
 
@@ -29,6 +29,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+import torch._functorch.config
+import torch._inductor.config
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
@@ -208,6 +210,9 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds of every contender (default 5)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
+    # First calls compile from scratch: no FX-graph or AOTAutograd cache from earlier runs or tests.
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                           text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=ROOT, capture_output=True, text=True).stdout

@@ -112,7 +112,7 @@ _compiled_chunks: dict[str, object] = {}
 
 
 def _chunk_fn(name: str, fused: bool):
-    """The per-chunk function, compiled on first fused use (one graph for any number of rows)."""
+    """The per-chunk function, compiled on first fused use (rows dynamic: one graph per dtype, cap and form)."""
     fn = {"forward": _forward_chunk, "backward": _backward_chunk}[name]
     if not fused:
         return fn
