@@ -1,5 +1,6 @@
-"""The chunked cross-entropy equals the reference one (loss and gradients, to fp32 rounding), never lets a
-padded column into the softmax, and needs no full fp32 copy of the logits."""
+"""The chunked cross-entropy equals the reference one (loss and gradients, to fp32 rounding), eager and compiled,
+for both soft-cap forms; never lets a padded column into the softmax; is one op each way under torch.compile; and
+its eager tanh path is bit-identical to the loss before the custom op."""
 
 import subprocess
 import types
