@@ -14,9 +14,18 @@ import pytest
 import torch
 from torch import nn
 
-from gpt2forge.optim.muon import Muon, newton_schulz
+from gpt2forge.optim.muon import NS_VARIANTS, Muon, newton_schulz
 
-QUINTIC = (3.4445, -4.7750, 2.0315)  # written out here, so that a changed constant in muon.py fails the tests
+# Written out here, so that a changed constant in muon.py fails the tests.
+QUINTIC = (3.4445, -4.7750, 2.0315)
+TRACK3 = (2.0, -1.5, 0.5)  # track 3's train_gpt_simple.py, 12 times
+POLAR_EXPRESS = [  # modded-nanogpt's train_gpt.py (f411b3d3): 5 iterations, safety factor 2e-2
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+]
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -70,6 +79,57 @@ def test_newton_schulz_applies_the_quintic_to_each_singular_value():
     s = s.sort(descending=True).values  # p⁵ is not monotonic
     torch.testing.assert_close(torch.linalg.svdvals(newton_schulz(G, dtype=torch.float64)), s, atol=1e-6, rtol=0)
     assert not torch.allclose(torch.linalg.svdvals(newton_schulz(G, steps=4, dtype=torch.float64)), s, atol=1e-3)
+
+
+@pytest.mark.parametrize("variant, triples, start, band", [
+    ("track3", [TRACK3] * 12, lambda s, norm: s / (norm + 1e-7), (1 - 1e-5, 1 + 1e-5)),  # converges
+    ("polar_express", POLAR_EXPRESS, lambda s, norm: s / (1.02 * norm + 1e-6), (0.85, 1.15)),
+    ("jordan5", [QUINTIC] * 5, lambda s, norm: s / (norm + 1e-7), (0.68, 1.21)),
+])
+def test_newton_schulz_variants_apply_their_polynomials(variant, triples, start, band):
+    """Each variant maps the singular values s/‖G‖_F through its own sequence of quintics, from its own start
+    (Polar Express: divided by 1.02·‖G‖_F + 1e-6); singular values above ~1e-3 of the norm land in its band."""
+    torch.manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(40, 24, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(24, 24, dtype=torch.float64))
+    s0 = torch.logspace(-2.5, 0, 24, dtype=torch.float64)
+    G = U @ torch.diag(s0) @ V.T
+    s = start(s0, G.norm())
+    for a, b, c in triples:
+        s = a * s + b * s**3 + c * s**5
+    assert band[0] < s.min() and s.max() < band[1]
+    torch.testing.assert_close(torch.linalg.svdvals(newton_schulz(G, dtype=torch.float64, variant=variant)),
+                               s.sort(descending=True).values, atol=1e-9, rtol=0)
+    assert len(NS_VARIANTS[variant].schedule(None)) == len(triples)
+
+
+def test_newton_schulz_step_counts():
+    assert NS_VARIANTS["track3"].schedule(3) == (TRACK3,) * 3  # a constant triple repeats for any count
+    assert NS_VARIANTS["polar_express"].schedule(2) == tuple(POLAR_EXPRESS[:2])
+    with pytest.raises(ValueError, match="5 per-iteration triples; 6 steps"):
+        Muon([torch.zeros(4, 4, requires_grad=True)], ns="polar_express", ns_steps=6)
+    with pytest.raises(ValueError, match="unknown Newton–Schulz variant 'cubic'"):
+        Muon([torch.zeros(4, 4, requires_grad=True)], ns="cubic")
+
+
+def test_a_scaled_guard_makes_muon_blind_to_the_loss_scale():
+    """A loss summed over N tokens has N× the gradients of the mean: Muon with the guard divided by N on the mean's
+    gradients moves the weights as Muon with the guard on the sum's (what the track-3 recipe relies on). N a power
+    of two: every scaling is exact, so the two are bit-identical."""
+    torch.manual_seed(0)
+    N = 1024
+    means = [torch.randn(4, 24, 16) * 1e-11 for _ in range(3)]  # tiny gradients, where the guard matters
+    finals = []
+    for scale, eps in ((1.0, 1e-7 / N), (float(N), 1e-7), (1.0, 1e-7)):
+        p = torch.ones(24, 16, requires_grad=True)
+        opt = Muon([p], lr=0.1, ns="track3", ns_eps=eps)
+        for grads in means:
+            for g in grads:
+                p.grad = g * scale
+                opt.step()
+        finals.append(p.detach().clone())
+    assert torch.equal(finals[0], finals[1])
+    assert (finals[2] - finals[1]).abs().max() > 1e-3  # the unscaled guard on the mean does differ
 
 
 def test_newton_schulz_batched_bf16_and_zero_input():

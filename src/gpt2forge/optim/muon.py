@@ -8,9 +8,17 @@ and biases stay with AdamW.
 
 Newton–Schulz: X ← aX + (bA + cA²)X with A = XXᵀ, started from X = M/‖M‖_F (so every singular value is ≤ 1)
 and run on the wide orientation so that A is the smaller Gram matrix. The odd polynomial p(s) = as + bs³ + cs⁵
-acts on each singular value separately and leaves U and V alone. The coefficients (3.4445, −4.7750, 2.0315) are
-deliberately non-convergent: they maximise the slope at zero so five steps lift even tiny singular values, at the
-price of ending in a band of about [0.68, 1.13] rather than at exactly 1 — which training does not mind.
+acts on each singular value separately and leaves U and V alone. Three published variants (``NS_VARIANTS``):
+
+- ``jordan5``: (3.4445, −4.7750, 2.0315) five times (the Muon repository, track 1 until Polar Express).
+  Deliberately non-convergent: the slope at zero is maximised so five steps lift even small singular values, at
+  the price of ending in a band of about [0.68, 1.13] rather than at exactly 1 — which training does not mind.
+- ``track3``: (2, −1.5, 0.5) twelve times (track 3's ``train_gpt_simple.py``, "not optimizing for wallclock
+  speed"). A quintic too, with p(1) = 1 and p'(1) = 0: it converges, so singular values above ~1e-3 of the
+  Frobenius norm end within 1e-5 of 1 — close to the exact polar factor U Vᵀ, at 2.4× the matmuls.
+- ``polar_express``: five different triples, one per iteration (Amsel et al. 2025, arXiv 2505.16932, as
+  modded-nanogpt's ``train_gpt.py`` runs them: computed for 5 iterations with a 2% safety factor), started from
+  M/(1.02·‖M‖_F + 1e-6). Singular values above ~1e-3 of the norm end in about [0.86, 1.14].
 
 Precision: on CUDA the iteration runs in bf16 (tensor cores; the band is coarse anyway). On CPU it runs in fp32,
 because CPU bf16 matmuls are 15–80× slower than fp32 ones (768², five steps: 9.0 s vs 0.11 s on our 2-core
@@ -33,32 +41,68 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+@dataclass(frozen=True)
+class NSVariant:
+    """A Newton–Schulz iteration: its (a, b, c) per iteration, and the start X = M / (norm_scale·‖M‖_F + eps)."""
+
+    coefficients: tuple[tuple[float, float, float], ...]
+    norm_scale: float = 1.0
+    eps: float = 1e-7
+
+    def schedule(self, steps: int | None) -> tuple[tuple[float, float, float], ...]:
+        """The triples of ``steps`` iterations (None: the variant's own count). A constant triple repeats; a
+        per-iteration table has no triples past its end."""
+        table = self.coefficients
+        if steps is None:
+            return table
+        if len(set(table)) == 1:
+            return table[:1] * steps
+        if steps > len(table):
+            raise ValueError(f"this Newton–Schulz variant has {len(table)} per-iteration triples; {steps} steps asked")
+        return table[:steps]
 
 
-def newton_schulz(G: Tensor, steps: int = 5, dtype: torch.dtype | None = None, eps: float = 1e-7) -> Tensor:
-    """Approximately orthogonalise the last two dims of ``G`` (U S Vᵀ → U S' Vᵀ, S' in about [0.68, 1.13]).
+NS_VARIANTS = {
+    "jordan5": NSVariant(((3.4445, -4.7750, 2.0315),) * 5),
+    "track3": NSVariant(((2.0, -1.5, 0.5),) * 12),
+    "polar_express": NSVariant((
+        (8.156554524902461, -22.48329292557795, 15.878769915207462),
+        (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+        (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+        (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+        (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+    ), norm_scale=1.02, eps=1e-6),
+}
+
+
+def newton_schulz(G: Tensor, steps: int | None = None, dtype: torch.dtype | None = None,
+                  variant: str = "jordan5", eps: float | None = None) -> Tensor:
+    """Approximately orthogonalise the last two dims of ``G`` (U S Vᵀ → U S' Vᵀ, S' near 1; see the variants).
 
     Runs in ``dtype`` (None: bf16 on CUDA, fp32 elsewhere); returns a contiguous tensor of G's shape and dtype.
+    ``eps`` (None: the variant's) guards the normalisation of an all-zero G.
     """
     if G.ndim not in (2, 3):
         raise ValueError(f"newton_schulz needs a matrix or a batch of them (2-D or 3-D); got shape {tuple(G.shape)}")
     if dtype is None:
         dtype = torch.bfloat16 if G.is_cuda else torch.float32
-    a, b, c = NS_COEFFICIENTS
+    spec = NS_VARIANTS[variant]
     X = G.to(dtype)
     tall = G.size(-2) > G.size(-1)
     if tall:
         X = X.mT  # wide orientation: A = X Xᵀ is the small Gram matrix
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)  # ‖X‖₂ ≤ ‖X‖_F = 1
+    norm = X.norm(dim=(-2, -1), keepdim=True)
+    X = X / ((norm if spec.norm_scale == 1 else norm * spec.norm_scale) + (spec.eps if eps is None else eps))
     # Fused multiply-adds: one rounding per product instead of three, which halves the error in bf16.
     addmm = torch.addmm if X.ndim == 2 else torch.baddbmm
-    for _ in range(steps):
+    for a, b, c in spec.schedule(steps):
         A = X @ X.mT
         B = addmm(A, A, A, beta=b, alpha=c)  # bA + cA²
         X = addmm(X, B, X, beta=a)  # aX + BX
@@ -91,17 +135,28 @@ class Muon(torch.optim.Optimizer):
         momentum: float = 0.95,
         nesterov: bool = True,
         weight_decay: float = 0.0,
-        ns_steps: int = 5,
+        ns: str = "jordan5",
+        ns_steps: int | None = None,
         ns_dtype: torch.dtype | None = None,
+        ns_eps: float | None = None,
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
-        if lr < 0 or not 0 <= momentum <= 1 or weight_decay < 0 or ns_steps < 0:
+        if lr < 0 or not 0 <= momentum <= 1 or weight_decay < 0 or (ns_steps is not None and ns_steps < 0):
             raise ValueError(f"Muon: bad hyperparameters lr={lr} momentum={momentum} weight_decay={weight_decay} "
                              f"ns_steps={ns_steps}")
+        if ns not in NS_VARIANTS:
+            raise ValueError(f"Muon: unknown Newton–Schulz variant {ns!r}; choose one of {', '.join(NS_VARIANTS)}")
+        NS_VARIANTS[ns].schedule(ns_steps)  # refuses more steps than a per-iteration table has
         defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay,
-                    "ns_steps": ns_steps, "ns_dtype": ns_dtype}
+                    "ns": ns, "ns_steps": ns_steps, "ns_dtype": ns_dtype, "ns_eps": ns_eps}
         self.process_group = process_group  # not in defaults: a process group is not picklable state
         super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # load_state_dict keeps the saved groups: older ones predate variants
+            group.setdefault("ns", "jordan5")
+            group.setdefault("ns_eps", None)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -143,7 +198,8 @@ class Muon(torch.optim.Optimizer):
     def _orthogonalise(self, updates: list[Tensor], groups: list[dict]) -> list[Tensor]:
         """newton_schulz of every update; under torch.distributed each rank computes its share and gathers."""
         def ns(i: int) -> Tensor:
-            return newton_schulz(updates[i], groups[i]["ns_steps"], groups[i]["ns_dtype"])
+            g = groups[i]
+            return newton_schulz(updates[i], g["ns_steps"], g["ns_dtype"], g["ns"], g["ns_eps"])
 
         world = dist.get_world_size(self.process_group) if dist.is_available() and dist.is_initialized() else 1
         if world == 1:
