@@ -28,9 +28,10 @@ Distributed: under DDP the gradients are already averaged, so they are identical
 updates every momentum buffer (an elementwise op, cheap, and it keeps the optimizer state complete on every rank
 for checkpoints), but runs Newton–Schulz, the expensive part, only for its share of the matrices, then the
 orthogonalised updates are exchanged so that every rank applies every update. Matrices of one shape form a
-bucket; a bucket's matrices are dealt round-robin to the ranks (continuing from the previous bucket, so no rank
-is always the one left with fewer) and gathered with one ``all_gather`` per bucket. Newton–Schulz is
-deterministic for the same input, so the result is bit-identical to the single-process optimizer.
+bucket, cut into one contiguous chunk per rank (the short chunks of uneven buckets go to different ranks from
+bucket to bucket) and put back together by one ``all_gather`` per bucket, in the iteration's dtype. Newton–Schulz
+is deterministic for the same input, and a batched matmul rounds each matrix the same whatever else is in the
+batch, so the result is bit-identical to the single-process optimizer (tests/test_muon.py checks it on 2 CPU processes).
 
 The optimizer keeps no schedule: it reads ``lr``, ``momentum`` and ``weight_decay`` from each param group at
 every step (the trainer sets them from the step number), and its state is the momentum buffer alone, so the
@@ -145,8 +146,9 @@ class Muon(torch.optim.Optimizer):
     fused kernel each on CUDA, not one per matrix); the matrices of one shape and Newton–Schulz setting form a
     bucket, stacked and orthogonalised by one batched iteration (``compile``: through torch.compile, by default
     on CUDA; eager on a CPU, where compiling gains nothing over the BLAS calls); nothing reads a value back to
-    the host. On our CPU the batched matmuls round exactly as the per-matrix ones, so the step is bit-identical
-    to the per-matrix loop it replaced (``benchmarks/muon_step.py`` checks it at the 124M model's shapes).
+    the host. At the model's shapes the CPU's batched matmuls round exactly as the per-matrix ones, so the step is
+    bit-identical to the per-matrix loop it replaced (``benchmarks/muon_step.py`` checks it at the 124M model's
+    shapes); at toy sizes torch's CPU bmm runs its own loop, which differs from mm's BLAS call by an ulp or so.
 
     ``process_group``: the ranks that share the Newton–Schulz work (default: the default group, when
     ``torch.distributed`` is initialised with more than one rank). All ranks must hold the same gradients.
