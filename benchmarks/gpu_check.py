@@ -235,6 +235,7 @@ def recipe_section(section: Section, deadline: Deadline, dry: bool, recipe: str)
                          f"{config.train.seq_len}", precision={None: "fp32", torch.bfloat16: "bf16 autocast"}[
                          trainer.autocast_dtype], compile=config.train.compile, loss=config.train.loss,
                          optimizers=list(trainer.optimizers.optimizers), grad_clip=config.optim.grad_clip)
+            log.info("%s: the first step%s", recipe, " (compiling)" if config.train.compile else "")
             started = time.perf_counter()
             trainer.run(until=1)  # the compile
             synchronize(device)
@@ -258,6 +259,7 @@ def recipe_section(section: Section, deadline: Deadline, dry: bool, recipe: str)
                 return [tuple(t.to(device) for t in trainer.loader.batch(s)) for s in range(trainer.step - k,
                                                                                            trainer.step)]
 
+            log.info("%s: first step %.1f s, warm steps %.0f ms; timing", recipe, section.data["first_step_s"], warm_ms)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             times = {"trainer": [], "bare": []}
@@ -286,6 +288,8 @@ def recipe_section(section: Section, deadline: Deadline, dry: bool, recipe: str)
             deadline.check("the optimizer step's timing", needs=3 * warm_ms / 1000 + 2)
             section.save(optimizer_step=optimizer_timing(trainer, replay(), device))
             deadline.check("the profile", needs=10 * warm_ms / 1000 + 5)
+            log.info("%s: Trainer %.1f ms/step, bare %.1f ms/step; profiling", recipe,
+                     section.data["trainer_ms_per_step"], section.data["bare_ms_per_step"])
             prof = profile_steps(trainer_block, device, steps=1)
             step = kernel_summary(prof, device, steps=k)
             section.save(profile=step)
@@ -394,8 +398,11 @@ def ddp_section(section: Section, deadline: Deadline, dry: bool) -> None:
                                + " → ".join(f"{v:.3f}" for v in losses[:1] + losses[-1:])
                                + (f", {statistics.median(step_ms[2:] or step_ms):.1f} ms/step after the first two"
                                   if step_ms else "") + f", final checkpoint saved: {saved}"])
-        if proc.returncode != 0 or len(losses) != 8 or not saved:
-            raise RuntimeError(f"the torchrun DDP run failed (exit {proc.returncode}, {len(losses)} of 8 steps)")
+        wrapped = "DDP over 1 rank(s)" in output  # the trainer's log line: the model ran inside DDP
+        section.save(ddp_wrapped=wrapped)
+        if proc.returncode != 0 or len(losses) != 8 or not saved or not wrapped:
+            raise RuntimeError(f"the torchrun DDP run failed (exit {proc.returncode}, {len(losses)} of 8 steps, DDP "
+                               f"wrapped: {wrapped}, checkpoint: {saved})")
 
 
 def bench_section(section: Section, deadline: Deadline, dry: bool, which: str) -> None:
