@@ -7,7 +7,7 @@ A CPU proxy meant to resolve effects of a few percent. Every arm is a recipe plu
 in a lossless vocabulary of GPT-2's most frequent tokens plus bytes, so the vocabulary matrices are a minority of
 the parameters; every arm's attention heads are 128 wide (the width track 3's attention scale of 0.12 is tuned for).
 
-- ``tiny``: 4 layers × 128 wide, 2,048-token vocabulary, 4,096 tokens per step, N = 100 steps (minutes per run).
+- ``tiny``: 4 layers × 128 wide, 2,048-token vocabulary, 2,048 tokens per step, N = 100 steps (minutes per run).
 - ``larger``: 4 layers × 256 wide, 4,096-token vocabulary, 8,192 tokens per step, N = 200 steps (≤ 30 min a run).
 - ``quick`` (``--quick``): a micro model on a few pages of text, the whole protocol in about a minute (the tests).
 
@@ -82,8 +82,8 @@ def _shape(layers: int, width: int, seq: int, batch: int, micro: int) -> dict:
 
 
 TIERS = {
-    "tiny": Tier(2048, 100, 65536, _shape(4, 128, 256, 4096, 16), "4 layers × 128 wide, heads of 128"),
-    "larger": Tier(4096, 200, 131072, _shape(4, 256, 256, 8192, 16), "4 layers × 256 wide, heads of 128"),
+    "tiny": Tier(2048, 100, 32768, _shape(4, 128, 256, 2048, 8), "4 layers × 128 wide, heads of 128"),
+    "larger": Tier(4096, 200, 65536, _shape(4, 256, 256, 8192, 16), "4 layers × 256 wide, heads of 128"),
     "quick": Tier(320, 8, 4096, {**_shape(1, 32, 32, 128, 4), "model.n_head": 1}, "1 layer × 32 wide (smoke test)"),
 }
 
@@ -221,23 +221,55 @@ def valset_bytes(directory: Path, val_tokens: int, seq_len: int, byte_lengths: n
     return {"dir": str(directory), "tokens": tokens, "bytes": nbytes}
 
 
-def sweep(ctx: Context, arm: Arm, mults: list[float], step: float, max_extend: int, seeds: list[int]) -> dict:
-    """LR sweep at N steps, extended on the side of the best until the best is inside (or ``max_extend``)."""
-    mults, runs, extended = sorted(mults), {}, 0
-    while True:
-        for m in mults:
-            if m not in runs:
-                runs[m] = [run_once(ctx, arm, m, ctx.steps, s) for s in seeds]
-        means = {m: statistics.mean(r["val"]["prose"]["loss"] for r in runs[m]) for m in mults}
-        best = min(mults, key=lambda m: means[m])
-        if extended == max_extend or mults[0] < best < mults[-1]:
-            break
-        added = mults[0] / step if best == mults[0] else mults[-1] * step
-        mults = sorted([*mults, added])
-        extended += 1
-        log.info("%s: best LR multiplier %g is at the edge of the sweep: adding %g", arm.name, best, added)
-    return {"mults": mults, "means": means, "best": best, "interior": mults[0] < best < mults[-1],
-            "extended": extended, "seeds": seeds}
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run_many(ctx: Context, jobs: list[tuple], workers: int, threads: int) -> list[dict]:
+    """``run_once`` for each ``(arm, mult, steps, seed)``, in ``workers`` processes of ``threads`` threads each.
+    On a shared 2-core machine, two one-thread runs side by side go much faster than one two-thread run (whose
+    threads wait on each other whenever either is descheduled)."""
+    if workers <= 1 or len(jobs) <= 1:
+        return [run_once(ctx, *job) for job in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    order = sorted(range(len(jobs)), key=lambda i: -jobs[i][2])  # longest first: the pool ends together
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                             initargs=(threads,)) as pool:
+        futures = {i: pool.submit(run_once, ctx, *jobs[i]) for i in order}
+        return [futures[i].result() for i in range(len(jobs))]
+
+
+def sweep(ctx: Context, arms: list[Arm], mults: list[float], step: float, max_extend: int, seeds: list[int],
+          workers: int = 1, threads: int = 1) -> dict:
+    """Every arm's LR sweep at N steps (all arms' runs in one pool), each extended on the side of its best until
+    the best is inside (or ``max_extend`` extensions)."""
+    grids = {a.name: sorted(mults) for a in arms}
+    extended, results, runs = dict.fromkeys(grids, 0), {}, {}
+    while len(results) < len(arms):
+        jobs = [(a, m, ctx.steps, s) for a in arms if a.name not in results for m in grids[a.name] for s in seeds
+                if (a.name, m, s) not in runs]
+        for job, run in zip(jobs, run_many(ctx, jobs, workers, threads)):
+            runs[job[0].name, job[1], job[3]] = run
+        for a in arms:
+            if a.name in results:
+                continue
+            grid = grids[a.name]
+            means = {m: statistics.mean(runs[a.name, m, s]["val"]["prose"]["loss"] for s in seeds) for m in grid}
+            best = min(grid, key=lambda m: means[m])
+            if extended[a.name] == max_extend or grid[0] < best < grid[-1]:
+                results[a.name] = {"mults": grid, "means": means, "best": best,
+                                   "interior": grid[0] < best < grid[-1], "extended": extended[a.name],
+                                   "seeds": seeds}
+                continue
+            added = grid[0] / step if best == grid[0] else grid[-1] * step
+            grids[a.name] = sorted([*grid, added])
+            extended[a.name] += 1
+            log.info("%s: best LR multiplier %g is at the edge of the sweep: adding %g", a.name, best, added)
+    return results
 
 
 def fit_curve(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float] | None:
@@ -512,6 +544,8 @@ def main() -> int:
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--heldout", type=Path, default=HELLASWAG if HELLASWAG.is_file() else None,
                         help="HellaSwag val jsonl: its text is a third validation set (default: shared/data's)")
+    parser.add_argument("--workers", type=int, default=2, help="runs trained side by side (processes)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--no-timing", action="store_true", help="skip the per-step wall-clock comparison")
     parser.add_argument("--note", default="", help="what was (not) run, written into the results")
     parser.add_argument("--work", type=Path, default=Path("out/time-to-quality"), help="where runs are kept")
@@ -526,6 +560,7 @@ def main() -> int:
 
 
 def run(args) -> int:
+    _init_worker(args.threads)
     tier_name = "quick" if args.quick else args.tier
     tier = TIERS[tier_name]
     seeds = [int(x) for x in args.seeds.split(",")]
@@ -561,18 +596,18 @@ def run(args) -> int:
                for name in ("prose", "topics", "hellaswag") if (work / "data" / name).is_dir()}
     ctx = Context(tier, work / "data", valsets, work, args.steps or tier.steps, args.floor, common)
 
-    result_arms, arm_runs = {}, {}
+    steps = {f: max(1, round(ctx.steps * f)) for f in fractions}
+    if len(set(steps.values())) < len(steps):
+        raise UserError(f"--fractions {args.fractions}: two of them round to the same number of the {ctx.steps} steps")
     sweep_seeds = seeds[: args.sweep_seeds]
-    mults = [float(x) for x in args.lr_mults.split(",")]
-    for arm in arms:
-        s = sweep(ctx, arm, mults, args.lr_step, args.max_extend, sweep_seeds)
-        runs = {}
-        for f in fractions:
-            steps = max(1, round(ctx.steps * f))
-            runs[f] = [run_once(ctx, arm, s["best"], steps, seed) for seed in seeds]
-        arm_runs[arm.name] = runs
-        result_arms[arm.name] = {"about": arm.about, "recipe": arm.recipe, "overrides": arm.overrides,
-                                 "params": parameter_split(ctx, arm), "sweep": s}
+    sweeps = sweep(ctx, arms, [float(x) for x in args.lr_mults.split(",")], args.lr_step, args.max_extend,
+                   sweep_seeds, args.workers, args.threads)
+    jobs = [(arm, sweeps[arm.name]["best"], steps[f], seed) for arm in arms for f in fractions for seed in seeds]
+    done = run_many(ctx, jobs, args.workers, args.threads)
+    arm_runs = {arm.name: {f: [r for job, r in zip(jobs, done) if job[0] is arm and job[2] == steps[f]]
+                           for f in fractions} for arm in arms}
+    result_arms = {arm.name: {"about": arm.about, "recipe": arm.recipe, "overrides": arm.overrides,
+                              "params": parameter_split(ctx, arm), "sweep": sweeps[arm.name]} for arm in arms}
     rng = np.random.default_rng(0)
     analysis = {name: analyse(arm_runs, fractions, name, args.bootstrap, rng) for name in valsets}
     first = ctx.arm_config(ARMS["baseline"])
