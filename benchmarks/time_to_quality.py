@@ -539,7 +539,7 @@ def main() -> int:
     parser.add_argument("--lr-mults", default="0.5,1,2", help="initial LR multipliers of the sweep")
     parser.add_argument("--lr-step", type=float, default=2.0, help="factor of each extension of the sweep")
     parser.add_argument("--max-extend", type=int, default=3)
-    parser.add_argument("--fractions", default="1,0.5,0.35,0.2", help="fractions of N run at the best LR (1 first)")
+    parser.add_argument("--fractions", default="1,0.5,0.35,0.2,0.1", help="fractions of N run at the best LR (1 first)")
     parser.add_argument("--floor", type=float, default=0.1, help="every schedule's floor, as a fraction of its peak")
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--heldout", type=Path, default=HELLASWAG if HELLASWAG.is_file() else None,
