@@ -8,7 +8,7 @@ in a lossless vocabulary of GPT-2's most frequent tokens plus bytes, so the voca
 the parameters; every arm's attention heads are 128 wide (the width track 3's attention scale of 0.12 is tuned for).
 
 - ``tiny``: 4 layers × 128 wide, 2,048-token vocabulary, 2,048 tokens per step, N = 100 steps (minutes per run).
-- ``larger``: 4 layers × 256 wide, 4,096-token vocabulary, 8,192 tokens per step, N = 200 steps (≤ 30 min a run).
+- ``larger``: 4 layers × 256 wide, 4,096-token vocabulary, 8,192 tokens per step, N = 200 steps (not run yet).
 - ``quick`` (``--quick``): a micro model on a few pages of text, the whole protocol in about a minute (the tests).
 
 **Protocol**, for every arm:
