@@ -1,292 +1,640 @@
-"""Time to quality: how many tokens the modern recipe needs to reach the GPT-2 recipe's validation loss.
+"""Time to quality: how many tokens the modern recipe (and each of its parts) needs to reach the GPT-2 recipe's loss.
 
-The CPU proxy pair is ``quickstart`` (GPT-2, AdamW, cosine) and ``quickstart-modern`` (rotary, RMSNorm, QK-norm,
-ReLU², untied head, soft cap; Muon + AdamW; warmup-stable-decay): the same data, tokens per step and
-non-embedding size. The protocol (MODERN-RECIPE-NOTES.md, section 4):
+A CPU proxy meant to resolve effects of a few percent. Every arm is a recipe plus config overrides, so any switch
+(``--arm name=--optim.x=... --model.y=...``, on top of the full modern recipe) can be measured the same way.
 
-1. The baseline's LR is tuned over ``--lrs`` (≥ 3 values), each at N steps for every seed; L* is the best mean
-   final validation loss.
-2. The modern recipe runs as separate full runs at N·{1, .75, .5, .35} steps (``--fractions``), each with its
-   own schedule (a shorter schedule, never a run cut short), for every seed.
-3. Reported: the smallest fraction whose mean reaches L* (the headline, in tokens), the loss gap at equal steps,
-   seed spread, wall-clock per step of both recipes, and the loss on held-out text none of it was tuned on
-   (HellaSwag's contexts and gold endings: English prose, where the training corpus is Python's sources).
+**Setup** (``--tier``): English prose from Python's standard library (``proxy_data``: docstrings and comments),
+in a lossless vocabulary of GPT-2's most frequent tokens plus bytes, so the vocabulary matrices are a minority of
+the parameters; every arm's attention heads are 128 wide (the width track 3's attention scale of 0.12 is tuned for).
 
-Every loss is measured after training by ``gpt2forge.eval.evaluate`` on the same tokens (the first
-``--val-tokens`` of the val split). Runs are kept under ``--work``; a finished run is not trained again, so an
-interrupted benchmark resumes. Results: ``<out>.json``, ``<out>.md`` and ``<out>.png``.
+- ``tiny``: 4 layers × 128 wide, 2,048-token vocabulary, 2,048 tokens per step, N = 100 steps (minutes per run).
+- ``larger``: 4 layers × 256 wide, 4,096-token vocabulary, 8,192 tokens per step, N = 200 steps (not run yet).
+- ``quick`` (``--quick``): a micro model on a few pages of text, the whole protocol in about a minute (the tests).
 
-    python benchmarks/time_to_quality.py --data data/embedded --heldout hellaswag_val.jsonl   # ~1 h on 2 cores
-    python benchmarks/time_to_quality.py --quick --work /tmp/ttq   # seconds: synthetic data, tiny models
+**Protocol**, for every arm:
+
+1. LR sweep at N steps: one multiplier scales all of the arm's peak LRs (every role's), over ``--lr-mults``; while
+   the best is at an edge, the sweep extends by ``--lr-step`` on that side (``--max-extend`` times at most). Every
+   arm's schedule ends at the same floor, ``--floor`` × its peak (min_lr ∝ peak), and a warmup keeps its recipe's
+   fraction of the run.
+2. At the best multiplier, separate runs at N·``--fractions`` steps for every seed, each with its whole schedule
+   compressed to its length (a WSD or cosine run stopped early is not a shorter run: its LR never decayed).
+3. A curve L(t) = E + A·(t/N)^−α fitted per arm to the mean final losses across fractions (least squares).
+   Target L* = the baseline's mean loss at N. Tokens to target = where the arm's curve reaches L*, as a fraction of
+   N; its 95% interval is a bootstrap over seeds (each point's seeds and the baseline's drawn with replacement,
+   the curve refitted). Loss at equal tokens (N) with its interval likewise.
+
+Losses are scored after training on the same tokens for every run, on three validation sets: the training
+corpus's own (``prose``), Python's reference manual (``topics``: English the runs never saw) and, with
+``--heldout``, HellaSwag's text. Each in nats per token and in bits per byte (total nats over the UTF-8 bytes
+the scored tokens decode to, over ln 2: comparable across vocabularies). Runs are kept under ``--work`` and
+never trained twice, so an interrupted benchmark resumes. Results: ``time-to-quality-<tier>.{json,md,png}``
+and ``ablation-<tier>.md`` in ``--results``.
+
+    python benchmarks/time_to_quality.py --tier tiny                       # all arms: ~3 h on 2 cores
+    python benchmarks/time_to_quality.py --tier tiny --arms baseline,modern
+    python benchmarks/time_to_quality.py --tier tiny --arm "cwd=--optim.cautious_weight_decay=true"
+    python benchmarks/time_to_quality.py --quick --work /tmp/ttq --results /tmp/ttq-results
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import logging
+import math
 import statistics
 import sys
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import proxy_data  # a helper beside this script
+
 from gpt2forge.config import load_config
-from gpt2forge.data.shards import write_shard
 from gpt2forge.device import hardware_summary, library_versions
-from gpt2forge.eval.evaluate import evaluate
+from gpt2forge.errors import UserError
 from gpt2forge.runs import METRICS, newest_checkpoint
-from gpt2forge.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
-BASELINE, MODERN = "quickstart", "quickstart-modern"
-QUICK_MODEL = {"model.n_layer": 1, "model.n_embd": 32, "model.block_size": 32, "model.vocab_size": 512,
-               "model.vocab_multiple": 64, "train.seq_len": 32, "train.micro_batch_size": 4,
-               "train.total_batch_tokens": 128, "eval.val_tokens": 0}
+HELLASWAG = ROOT.parent / "shared" / "data" / "hellaswag_val.jsonl"  # scored only, never trained on
 log = logging.getLogger("gpt2forge.ttq")
 
 
-def run_once(recipe: str, steps: int, seed: int, work: Path, data: Path, extra: dict) -> dict:
-    """Train ``recipe`` for ``steps`` (its own schedule) with ``seed``, unless that run already finished."""
-    name = f"{recipe}-n{steps}-s{seed}" + "".join(f"-{k.split('.')[-1]}{v}" for k, v in sorted(extra.items())
-                                                  if k == "optim.lr")
-    overrides = {"data.dir": data, "log.out_dir": work, "log.run_name": name, "train.max_steps": steps,
-                 "train.seed": seed, "eval.val_every": 0, "eval.sample_every": 0, "eval.hellaswag_every": 0,
-                 "checkpoint.every": 0, "checkpoint.keep_last": 1, "log.every": 1, **extra}
-    config = load_config(recipe, [f"--{k}={v}" for k, v in overrides.items()])
-    run_dir = work / name
+@dataclass(frozen=True)
+class Tier:
+    vocab: int
+    steps: int
+    val_tokens: int
+    overrides: dict
+    about: str
+
+
+def _shape(layers: int, width: int, seq: int, batch: int, micro: int) -> dict:
+    return {"model.n_layer": layers, "model.n_embd": width, "model.n_head": max(1, width // 128),
+            "model.block_size": seq, "train.seq_len": seq, "train.total_batch_tokens": batch,
+            "train.micro_batch_size": micro}
+
+
+TIERS = {
+    "tiny": Tier(2048, 100, 32768, _shape(4, 128, 256, 2048, 8), "4 layers × 128 wide, heads of 128"),
+    "larger": Tier(4096, 200, 65536, _shape(4, 256, 256, 8192, 16), "4 layers × 256 wide, heads of 128"),
+    "quick": Tier(320, 8, 4096, {**_shape(1, 32, 32, 128, 4), "model.n_head": 1}, "1 layer × 32 wide (smoke test)"),
+}
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    recipe: str
+    overrides: dict
+    about: str
+
+
+# A tied table is also the head: it takes track 3's head LR (0.004), never the untied embedding's 0.7.
+ARMS = {a.name: a for a in (
+    Arm("baseline", "quickstart", {}, "GPT-2 architecture, AdamW, cosine (the quickstart recipe)"),
+    Arm("modern", "quickstart-modern", {}, "track 3: modern architecture, Muon + AdamW, WSD, untied head"),
+    Arm("modern-gpt2arch", "quickstart-modern", {"model.arch": "gpt2", "optim.embedding_lr": 0.004},
+        "architecture off: GPT-2's (tied head) with the modern optimizer and schedule"),
+    Arm("modern-adamw", "quickstart-modern", {"optim.optimizer": "adamw", "optim.matrix_lr": 0.003},
+        "optimizer off: AdamW for the hidden matrices too (LR 0.003, the quickstart's)"),
+    Arm("modern-cosine", "quickstart-modern", {"optim.schedule": "cosine"},
+        "schedule off: cosine decay instead of WSD (no warmup, as the recipe)"),
+    Arm("modern-tied", "quickstart-modern", {"model.tie_embeddings": True, "optim.embedding_lr": 0.004},
+        "untied head off: one matrix for embedding and head"),
+)}
+
+
+def parse_arm(text: str) -> Arm:
+    """``name=--section.key=value ...``: the full modern recipe with those overrides."""
+    name, sep, rest = text.partition("=")
+    overrides = {}
+    for item in rest.split():
+        key, eq, value = item.removeprefix("--").partition("=")
+        if not eq or "." not in key:
+            raise UserError(f"--arm {text!r}: {item!r} must look like --section.key=value")
+        overrides[key] = value
+    if not sep or not name or name in ARMS or not overrides:
+        raise UserError(f"--arm {text!r} must look like NAME=--section.key=value ... with a new NAME")
+    return Arm(name, "quickstart-modern", overrides, "modern + " + " ".join(f"{k}={v}" for k, v in overrides.items()))
+
+
+def _flags(overrides: dict) -> list[str]:
+    return [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides.items()]
+
+
+@dataclass
+class Context:
+    tier: Tier
+    data: Path
+    valsets: dict  # name -> {"dir", "bytes", "tokens"}
+    work: Path
+    steps: int
+    floor: float
+    common: dict = field(default_factory=dict)
+
+    def arm_config(self, arm: Arm, extra: dict | None = None):
+        return load_config(arm.recipe, _flags({**self.common, **arm.overrides, **(extra or {})}))
+
+
+def lr_overrides(ctx: Context, arm: Arm, mult: float, steps: int) -> dict:
+    """The arm's peak LRs (every role's) times ``mult``, the floor at ``ctx.floor`` × peak, the warmup at the
+    recipe's fraction of the run."""
+    base = ctx.arm_config(arm)
+    o = base.optim
+    out = {"optim.lr": o.lr * mult, "optim.min_lr": ctx.floor * o.lr * mult}
+    for role in ("matrix", "embedding", "head", "scalar"):
+        value = getattr(o, f"{role}_lr")
+        if value is not None:
+            out[f"optim.{role}_lr"] = value * mult
+    recipe = load_config(arm.recipe)
+    out["optim.warmup_steps"] = round(recipe.optim.warmup_steps / recipe.train.max_steps * steps)
+    return out
+
+
+def run_once(ctx: Context, arm: Arm, mult: float, steps: int, seed: int) -> dict:
+    """Train one run (its own full schedule) unless it already finished; then score it on every val set."""
+    from gpt2forge.train.trainer import TrainingStopped, train
+
+    overrides = {**ctx.common, **arm.overrides, **lr_overrides(ctx, arm, mult, steps), "train.max_steps": steps,
+                 "train.seed": seed}
+    digest = hashlib.sha256(json.dumps(overrides, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    name = f"{arm.name}-x{mult:g}-n{steps}-s{seed}-{digest}"
+    run_dir = ctx.work / name
+    config = load_config(arm.recipe, _flags({**overrides, "log.out_dir": ctx.work, "log.run_name": name}))
+    run = {"arm": arm.name, "mult": mult, "steps": steps, "seed": seed, "run_dir": str(run_dir),
+           "tokens": steps * config.train.total_batch_tokens, "diverged": (run_dir / "DIVERGED").is_file()}
     done = newest_checkpoint(run_dir)
-    if done is None or not done.name.endswith(f"{steps:06d}"):
+    if not run["diverged"] and (done is None or not done.name.endswith(f"{steps:06d}")):
         log.info("training %s", name)
-        train(config, resume="auto" if done is not None else None)
-    with open(run_dir / METRICS, newline="") as f:
-        step_ms = [float(row["step_ms"]) for row in csv.DictReader(f) if row["step_ms"]]
-    return {"recipe": recipe, "steps": steps, "seed": seed, "lr": config.optim.lr, "run_dir": str(run_dir),
-            "tokens": steps * config.train.total_batch_tokens,
-            "step_ms_median": statistics.median(step_ms[2:] or step_ms)}  # the first steps warm up
+        try:
+            train(config, resume="auto" if done is not None else None)
+        except TrainingStopped as e:
+            (run_dir / "DIVERGED").write_text(str(e) + "\n")
+            run["diverged"] = True
+    if not run["diverged"]:
+        with open(run_dir / METRICS, newline="") as f:
+            step_ms = [float(row["step_ms"]) for row in csv.DictReader(f) if row["step_ms"]]
+        run["step_ms_median"] = statistics.median(step_ms[2:] or step_ms)  # the first steps warm up
+    run["val"] = score(ctx, run)
+    return run
 
 
-def step_cost(data: Path, work: Path, extra: dict, rounds: int, steps: int) -> dict:
-    """Milliseconds per step of both recipes, timed in alternating blocks (ABBA…) on the same machine, so drifting
-    foreign load hits both alike: the median of each, and their ratio."""
+def score(ctx: Context, run: dict) -> dict:
+    """``{valset: {"loss", "bpb"}}`` of a finished run (cached in its directory); a diverged run scores inf."""
+    from gpt2forge.eval.evaluate import evaluate
+    from gpt2forge.files import atomic_write_json
+
+    if run["diverged"]:
+        return {name: {"loss": math.inf, "bpb": math.inf} for name in ctx.valsets}
+    cache = Path(run["run_dir"]) / "ttq-scores.json"
+    scores = json.loads(cache.read_text()) if cache.is_file() else {}
+    for name, vs in ctx.valsets.items():
+        key = f"{name}:{vs['tokens']}"
+        if key not in scores:
+            result = evaluate(run["run_dir"], data=vs["dir"], val_tokens=ctx.tier.val_tokens, batch_size=16,
+                              seq_len=ctx.common["train.seq_len"], device="cpu", progress=False)["val"]
+            assert result["tokens"] == vs["tokens"], "the val set is the one whose bytes were counted"
+            scores[key] = result["loss"]
+            atomic_write_json(cache, scores)
+    return {name: {"loss": scores[f"{name}:{vs['tokens']}"],
+                   "bpb": scores[f"{name}:{vs['tokens']}"] * vs["tokens"] / (vs["bytes"] * math.log(2))}
+            for name, vs in ctx.valsets.items()}
+
+
+def valset_bytes(directory: Path, val_tokens: int, seq_len: int, byte_lengths: np.ndarray) -> dict:
+    """The scored target tokens of a val set (``val_batches``' own set) and the UTF-8 bytes they decode to."""
+    from gpt2forge.data.loader import val_batches
+    from gpt2forge.models import IGNORE_INDEX
+
+    tokens = nbytes = 0
+    for _, y in val_batches(directory, 16, seq_len, max_tokens=val_tokens):
+        y = y[y != IGNORE_INDEX].numpy()
+        tokens += len(y)
+        nbytes += int(byte_lengths[y].sum())
+    return {"dir": str(directory), "tokens": tokens, "bytes": nbytes}
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run_many(ctx: Context, jobs: list[tuple], workers: int, threads: int) -> list[dict]:
+    """``run_once`` for each ``(arm, mult, steps, seed)``, in ``workers`` processes of ``threads`` threads each.
+    On a shared 2-core machine, two one-thread runs side by side go much faster than one two-thread run (whose
+    threads wait on each other whenever either is descheduled)."""
+    if workers <= 1 or len(jobs) <= 1:
+        return [run_once(ctx, *job) for job in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    order = sorted(range(len(jobs)), key=lambda i: -jobs[i][2])  # longest first: the pool ends together
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                             initargs=(threads,)) as pool:
+        futures = {i: pool.submit(run_once, ctx, *jobs[i]) for i in order}
+        return [futures[i].result() for i in range(len(jobs))]
+
+
+def sweep(ctx: Context, arms: list[Arm], mults: list[float], step: float, max_extend: int, seeds: list[int],
+          workers: int = 1, threads: int = 1) -> dict:
+    """Every arm's LR sweep at N steps (all arms' runs in one pool), each extended on the side of its best until
+    the best is inside (or ``max_extend`` extensions)."""
+    grids = {a.name: sorted(mults) for a in arms}
+    extended, results, runs = dict.fromkeys(grids, 0), {}, {}
+    while len(results) < len(arms):
+        jobs = [(a, m, ctx.steps, s) for a in arms if a.name not in results for m in grids[a.name] for s in seeds
+                if (a.name, m, s) not in runs]
+        for job, run in zip(jobs, run_many(ctx, jobs, workers, threads)):
+            runs[job[0].name, job[1], job[3]] = run
+        for a in arms:
+            if a.name in results:
+                continue
+            grid = grids[a.name]
+            means = {m: statistics.mean(runs[a.name, m, s]["val"]["prose"]["loss"] for s in seeds) for m in grid}
+            best = min(grid, key=lambda m: means[m])
+            if extended[a.name] == max_extend or grid[0] < best < grid[-1]:
+                results[a.name] = {"mults": grid, "means": means, "best": best,
+                                   "interior": grid[0] < best < grid[-1], "extended": extended[a.name],
+                                   "seeds": seeds}
+                continue
+            added = grid[0] / step if best == grid[0] else grid[-1] * step
+            grids[a.name] = sorted([*grid, added])
+            extended[a.name] += 1
+            log.info("%s: best LR multiplier %g is at the edge of the sweep: adding %g", a.name, best, added)
+    return results
+
+
+def fit_curve(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float] | None:
+    """Least-squares E, A, α of L(x) = E + A·x^−α (x = tokens / N); None when a loss is not finite."""
+    from scipy.optimize import least_squares
+
+    if not np.all(np.isfinite(y)):
+        return None
+    lo = float(y.min())
+    start = [0.8 * lo, max(float(y[np.argmin(x)]) - 0.8 * lo, 1e-3) * float(x.min()) ** 0.5, 0.5]
+    result = least_squares(lambda p: p[0] + p[1] * x ** -p[2] - y, start, bounds=([0, 0, 0.02], [lo, np.inf, 4]))
+    return tuple(float(v) for v in result.x)
+
+
+def tokens_to(params, target: float) -> float:
+    """Fraction of N at which the fitted curve reaches ``target`` (inf when it never does)."""
+    if params is None:
+        return math.inf
+    e, a, alpha = params
+    return (a / (target - e)) ** (1 / alpha) if target > e and a > 0 else math.inf
+
+
+def analyse(arm_runs: dict, fractions: list[float], valset: str, draws: int, rng) -> dict:
+    """Per arm: mean losses per fraction, the fit, tokens to the baseline's loss at N and the loss at N, each with
+    a bootstrap interval over seeds; ``valset`` picks the validation set."""
+
+    def table(runs, pick):  # fraction -> list of per-seed losses, seeds resampled by pick
+        out = {}
+        for f, rs in sorted(runs.items()):
+            losses = np.array([r["val"][valset]["loss"] for r in rs])
+            out[f] = losses[pick(len(losses))]
+        return out
+
+    def estimate(pick):
+        tables = {arm: table(runs, pick) for arm, runs in arm_runs.items()}
+        target = float(np.mean(tables["baseline"][1.0]))
+        out = {"target": target}
+        for arm, t in tables.items():
+            fr = np.array(sorted(t))
+            means = np.array([np.mean(t[f]) for f in fr])
+            params = fit_curve(fr, means)
+            out[arm] = {"fit": params, "tokens_to_target": tokens_to(params, target), "loss_at_n": float(means[-1])}
+        return out
+
+    point = estimate(lambda n: np.arange(n))
+    boot = [estimate(lambda n: rng.integers(0, n, n)) for _ in range(draws)]
+
+    def interval(values):
+        values = np.array(values, dtype=float)
+        return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+
+    result = {"target": point["target"], "target_interval": interval([b["target"] for b in boot]), "arms": {}}
+    for arm, runs in arm_runs.items():
+        p = point[arm]
+        rows = []
+        for f, rs in sorted(runs.items()):
+            losses = [r["val"][valset]["loss"] for r in rs]
+            bpbs = [r["val"][valset]["bpb"] for r in rs]
+            rows.append({"fraction": f, "steps": rs[0]["steps"], "tokens": rs[0]["tokens"], "seeds": len(rs),
+                         "loss": [statistics.mean(losses), statistics.stdev(losses) if len(rs) > 1 else 0.0],
+                         "bpb": [statistics.mean(bpbs), statistics.stdev(bpbs) if len(rs) > 1 else 0.0]})
+        result["arms"][arm] = {
+            "rows": rows, "fit": p["fit"], "loss_at_n": p["loss_at_n"],
+            "loss_at_n_interval": interval([b[arm]["loss_at_n"] for b in boot]),
+            "tokens_to_target": p["tokens_to_target"],
+            "tokens_to_target_interval": interval([b[arm]["tokens_to_target"] for b in boot]),
+            "extrapolated": not (min(fractions) <= p["tokens_to_target"] <= max(fractions)),
+            "vs_modern": None if "modern" not in point or arm == "modern" else {
+                "loss_at_n": p["loss_at_n"] - point["modern"]["loss_at_n"],
+                "loss_at_n_interval": interval([b[arm]["loss_at_n"] - b["modern"]["loss_at_n"] for b in boot]),
+                "tokens_ratio": p["tokens_to_target"] / point["modern"]["tokens_to_target"],
+                "tokens_ratio_interval": interval([b[arm]["tokens_to_target"] / b["modern"]["tokens_to_target"]
+                                                   for b in boot])},
+        }
+    return result
+
+
+def parameter_split(ctx: Context, arm: Arm) -> dict:
+    """Parameters of the arm's model: all, and those in vocabulary-sized matrices (embedding, head)."""
+    from gpt2forge.models import build_model
+
+    model = build_model(ctx.arm_config(arm).model)
+    total = sum(p.numel() for p in model.parameters())
+    vocab = sum(p.numel() for p in model.parameters() if p.dim() == 2 and p.shape[0] == model.config.padded_vocab_size)
+    return {"total": total, "vocab_matrices": vocab, "other": total - vocab}
+
+
+def step_cost(ctx: Context, rounds: int, steps: int) -> dict:
+    """Milliseconds per step of the baseline and the modern recipe, timed in alternating blocks (ABBA…) on the
+    same machine, so drifting foreign load hits both alike: the median of each, and their ratio."""
     from gpt2forge.bench.measure import timed
     from gpt2forge.train.trainer import Trainer
 
     trainers = {}
-    for recipe in (BASELINE, MODERN):
-        overrides = {"data.dir": data, "log.out_dir": work / "timing", "log.run_name": recipe,
-                     "train.max_steps": 1_000_000, "eval.val_every": 0, "eval.sample_every": 0,
-                     "checkpoint.every": 0, "log.every": 1_000_000, **extra}
-        trainers[recipe] = Trainer(load_config(recipe, [f"--{k}={v}" for k, v in overrides.items()]))
-        trainers[recipe].run(until=2)  # warm up
-    times = {recipe: [] for recipe in trainers}
+    for name in ("baseline", "modern"):
+        arm = ARMS[name]
+        overrides = {**ctx.common, **arm.overrides, "log.out_dir": ctx.work / "timing", "log.run_name": name,
+                     "train.max_steps": 1_000_000, "train.restart": True, "log.every": 1_000_000}
+        trainers[name] = Trainer(load_config(arm.recipe, _flags(overrides)))
+        trainers[name].run(until=2)  # warm up
+    times = {name: [] for name in trainers}
     try:
         for r in range(rounds):
-            order = list(trainers) if r % 2 == 0 else list(trainers)[::-1]
-            for recipe in order:
-                trainer = trainers[recipe]
+            for name in list(trainers) if r % 2 == 0 else list(trainers)[::-1]:
+                trainer = trainers[name]
                 ms, _ = timed(lambda t=trainer: t.run(until=t.step + steps), 1, trainer.parallel.device)
-                times[recipe].append(ms / steps)
+                times[name].append(ms / steps)
     finally:
         for trainer in trainers.values():
             trainer.close()
-    medians = {recipe: statistics.median(ms) for recipe, ms in times.items()}
-    return {"ms_per_step": medians, "samples": times, "ratio": medians[MODERN] / medians[BASELINE],
+    medians = {name: statistics.median(ms) for name, ms in times.items()}
+    return {"ms_per_step": medians, "samples": times, "ratio": medians["modern"] / medians["baseline"],
             "how": f"{rounds} rounds of {steps} steps each, alternating order, median per recipe"}
 
 
-def measure(run: dict, data: Path, heldout: Path | None, val_tokens: int, seq_len: int) -> None:
-    """Final losses of a finished run on the val split and on the held-out text (same tokens for every run)."""
-    for key, directory in (("val_loss", data), ("heldout_loss", heldout)):
-        if directory is not None and key not in run:
-            result = evaluate(run["run_dir"], data=directory, val_tokens=val_tokens or None, batch_size=16,
-                              seq_len=seq_len, device="cpu")
-            run[key], run[key.replace("loss", "tokens")] = result["val"]["loss"], result["val"]["tokens"]
+def _ci(value, interval, fmt="{:.4f}") -> str:
+    return f"{fmt.format(value)} [{fmt.format(interval[0])}, {fmt.format(interval[1])}]"
 
 
-def heldout_shard(jsonl: Path, out: Path, vocab_size: int) -> Path:
-    """HellaSwag's contexts with their gold endings as one val shard: English prose none of the runs saw."""
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / "heldout_val_000000.bin").is_file():
-        from gpt2forge.tokenizer import get_tokenizer
-
-        tokenizer, tokens = get_tokenizer(), []
-        for line in jsonl.read_text().splitlines():
-            row = json.loads(line)
-            tokens += tokenizer.encode(row["ctx"] + " " + row["endings"][int(row["label"])]) + [tokenizer.eot]
-        write_shard(out / "heldout_val_000000.bin", np.array(tokens, dtype=np.uint16))
-    return out
-
-
-def synthetic_data(out: Path, vocab: int, seed: int, sizes=(6000, 40000)) -> Path:
-    """Shards with learnable structure (a noisy repeating pattern) for ``--quick``; another seed = held-out text."""
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    pattern = rng.integers(0, vocab, 97)
-    for i, n in enumerate(sizes):
-        tokens = np.resize(pattern, n)
-        noise = rng.random(n) < 0.2
-        tokens[noise] = rng.integers(0, vocab, noise.sum())
-        write_shard(out / f"synthetic_{'val' if i == 0 else 'train'}_{i:06d}.bin", tokens.astype(np.uint16))
-    return out
-
-
-def summarise(baseline: list[dict], modern: list[dict], fractions: list[float], steps: int) -> dict:
-    def mean(runs, key):
-        values = [r[key] for r in runs if key in r]
-        return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0) if values else None
-
-    by_lr = {}
-    for run in baseline:
-        by_lr.setdefault(run["lr"], []).append(run)
-    lr_table = {lr: mean(runs, "val_loss") for lr, runs in sorted(by_lr.items())}
-    best_lr = min(lr_table, key=lambda lr: lr_table[lr][0])
-    target = lr_table[best_lr][0]
-    rows = []
-    for f in fractions:
-        n = max(1, round(steps * f))
-        runs = [r for r in modern if r["steps"] == n]
-        val = mean(runs, "val_loss")
-        rows.append({"fraction": f, "steps": n, "tokens": runs[0]["tokens"], "val_loss": val,
-                     "heldout_loss": mean(runs, "heldout_loss"), "reaches_target": val[0] <= target,
-                     "seeds_reaching": sum(r["val_loss"] <= target for r in runs), "seeds": len(runs)})
-    reaching = [row["fraction"] for row in rows if row["reaches_target"]]
-    full = next(row for row in rows if row["fraction"] == max(fractions))
-    best_runs = by_lr[best_lr]
-    return {
-        "baseline_lrs": {str(lr): {"val_loss": v[0], "seed_sd": v[1]} for lr, v in lr_table.items()},
-        "best_lr": best_lr, "target_val_loss": target, "target_seed_sd": lr_table[best_lr][1],
-        "modern": rows, "smallest_fraction_reaching_target": min(reaching) if reaching else None,
-        "gap_at_equal_steps": target - full["val_loss"][0],
-        "heldout_baseline": mean(best_runs, "heldout_loss"), "heldout_modern": full["heldout_loss"],
-    }
+def _frac(value, interval) -> str:
+    def f(v):
+        return "never" if not math.isfinite(v) else f"{v:.3f}"
+    return f"{f(value)} [{f(interval[0])}, {f(interval[1])}]"
 
 
 def to_markdown(result: dict) -> str:
-    s, c = result["summary"], result["step_cost"]
-
-    def pm(value):
-        return "–" if value is None else f"{value[0]:.4f} ± {value[1]:.4f}"
-
+    tier, a = result["tier"], result["analysis"]
+    prose = a["prose"]
     lines = [
-        "# Time to quality: quickstart-modern vs quickstart (CPU proxy)", "",
+        f"# Time to quality on the CPU proxy: {tier} tier", "",
         f"- when: {result['time']}; command: `{result['command']}`",
-        f"- machine: {result['hardware']['cpu']} ({result['hardware']['cores_available']} cores); "
-        f"torch {result['versions'].get('torch')}",
-        f"- N = {result['steps']} steps × {result['tokens_per_step']:,} tokens; seeds {result['seeds']}; "
-        f"val loss on {result['val_tokens_scored']:,} tokens of the val split"
-        + (f", held-out loss on {result['heldout_tokens_scored']:,} tokens of HellaSwag text" if s["heldout_modern"]
-           else ""), "",
-        "## Baseline (quickstart: GPT-2, AdamW, cosine): LR sweep at N steps", "",
-        "| LR | final val loss (mean ± sd over seeds) |", "|---:|---:|",
+        f"- machine: {result['hardware']['cpu']} ({result['hardware']['cores_available']} cores, shared with other "
+        f"jobs); torch {result['versions'].get('torch')}",
+        f"- model: {result['tier_about']}; vocabulary {result['vocab']:,} (GPT-2's most frequent tokens of the "
+        f"training text + bytes, lossless); N = {result['steps']} steps × {result['tokens_per_step']:,} tokens = "
+        f"{result['steps'] * result['tokens_per_step']:,} tokens",
+        f"- data: {result['data_note']}",
+        f"- seeds {result['seeds']} at every arm's best LR; sweep seeds {result['sweep_seeds']}; fractions of N "
+        f"{result['fractions']}; LR floor {result['floor']:g} × peak; {result['bootstrap']} bootstrap draws",
+        "- validation: " + "; ".join(f"`{n}` {v['tokens']:,} tokens = {v['bytes']:,} bytes"
+                                      for n, v in result["valsets"].items()),
     ]
-    lines += [f"| {lr} | {v['val_loss']:.4f} ± {v['seed_sd']:.4f}{' ← L*' if float(lr) == s['best_lr'] else ''} |"
-              for lr, v in s["baseline_lrs"].items()]
-    lines += ["", f"L* = **{s['target_val_loss']:.4f}** (LR {s['best_lr']}).", "",
-              "## Modern (quickstart-modern: track-3 architecture and hyperparameters, Muon + AdamW, WSD)", "",
-              "| fraction of N | steps | tokens | final val loss | reaches L*? (seeds) | held-out loss |",
-              "|---:|---:|---:|---:|:---:|---:|"]
-    for row in s["modern"]:
-        lines.append(f"| {row['fraction']:g} | {row['steps']} | {row['tokens']:,} | {pm(row['val_loss'])} | "
-                     f"{'yes' if row['reaches_target'] else 'no'} ({row['seeds_reaching']}/{row['seeds']}) | "
-                     f"{pm(row['heldout_loss'])} |")
-    frac = s["smallest_fraction_reaching_target"]
-    lines += ["", "## Result", "",
-              "- **Tokens to reach L\\***: " + ("no tested fraction reached it" if frac is None
-                                                 else f"{frac:g} of the baseline (1/{1 / frac:.2f})") +
-              " (target: ≤ 1/2, aim 1/3).",
-              f"- Loss gap at equal steps (N): {s['gap_at_equal_steps']:+.4f} nats in the modern recipe's favour.",
-              f"- Held-out text at equal steps: baseline {pm(s['heldout_baseline'])}, "
-              f"modern {pm(s['heldout_modern'])}.",
-              f"- Wall-clock per step on this CPU ({c['how']}): baseline {c['ms_per_step'][BASELINE]:.0f} ms, "
-              f"modern {c['ms_per_step'][MODERN]:.0f} ms = **{c['ratio']:.2f}×** (target ≤ 1.3×). Tokens, not CPU "
-              "time, are the headline: this tiny model's CPU step is bound by elementwise passes over the "
-              "[B·T, 50,257] logits, to which the soft cap adds its tanh, a division and the derivative (in a "
-              "one-thread profile of the modern step, its tanh alone was ~11%); compiled on a GPU such passes "
-              "can fuse into the loss (not measured here).",
-              "", "![validation loss against tokens](" + result["png"] + ")", ""]
+    if result.get("note"):
+        lines += [f"- scope: {result['note']}"]
+    lines += ["", "## Arms", "", "| arm | what | parameters (vocab matrices / other) |", "|---|---|---:|"]
+    for name, arm in result["arms"].items():
+        p = arm["params"]
+        lines.append(f"| {name} | {arm['about']} | {p['total']:,} ({p['vocab_matrices']:,} / {p['other']:,}, "
+                     f"{p['other'] / p['total']:.0%} other) |")
+    lines += ["", "## LR sweeps at N (one multiplier on every peak LR of the arm)", "",
+              "| arm | multiplier: mean prose val loss | best | inside the sweep? |", "|---|---|---:|:---:|"]
+    for name, arm in result["arms"].items():
+        s = arm["sweep"]
+        cells = ", ".join(f"{m:g}: {'diverged' if not math.isfinite(s['means'][m]) else format(s['means'][m], '.4f')}"
+                          for m in s["mults"])
+        extended = f" (extended {s['extended']}×)" if s["extended"] else ""
+        lines.append(f"| {name} | {cells} | {s['best']:g} | {'yes' if s['interior'] else 'NO'}{extended} |")
+    lines += ["", "## Final losses at the best LR (separate runs, each with its own schedule; mean ± sd over seeds)",
+              "", "| arm | fraction | steps | tokens | " + " | ".join(f"{n} nats | {n} bpb" for n in a) + " |",
+              "|---|---:|---:|---:|" + "---:|---:|" * len(a)]
+    for name in result["arms"]:
+        for i, row in enumerate(prose["arms"][name]["rows"]):
+            cells = []
+            for vs in a.values():
+                r = vs["arms"][name]["rows"][i]
+                cells += [f"{r['loss'][0]:.4f} ± {r['loss'][1]:.4f}", f"{r['bpb'][0]:.4f} ± {r['bpb'][1]:.4f}"]
+            lines.append(f"| {name} | {row['fraction']:g} | {row['steps']} | {row['tokens']:,} | " + " | ".join(cells)
+                         + " |")
+    lines += ["", "## Fitted curves and tokens to target", "",
+              "L(t) = E + A·(t/N)^−α per arm, fitted to the mean losses above; target L* = the baseline's mean loss "
+              "at N on the same set. Tokens to target as a fraction of N, [95% bootstrap interval over seeds]; "
+              "'never': the curve levels off above L*. In bits per byte the fractions are the same (one constant "
+              "per val set).", "",
+              "| val set | L* (nats) | arm | E, A, α | tokens to L* (fraction of N) | loss at N (nats) |",
+              "|---|---:|---|---|---:|---:|"]
+    for vname, vs in a.items():
+        for name, arm in vs["arms"].items():
+            fit = arm["fit"]
+            fit_s = "–" if fit is None else f"{fit[0]:.3f}, {fit[1]:.3f}, {fit[2]:.2f}"
+            flag = " (extrapolated)" if arm["extrapolated"] and math.isfinite(arm["tokens_to_target"]) else ""
+            lines.append(f"| {vname} | {_ci(vs['target'], vs['target_interval'])} | {name} | {fit_s} | "
+                         f"{_frac(arm['tokens_to_target'], arm['tokens_to_target_interval'])}{flag} | "
+                         f"{_ci(arm['loss_at_n'], arm['loss_at_n_interval'])} |")
+    m = prose["arms"].get("modern")
+    lines += ["", "## Result", ""]
+    if m is not None:
+        t = m["tokens_to_target"]
+        extra = (", extrapolated" if m["extrapolated"] else "") + (f"; 1/{1 / t:.2f}" if 0 < t < math.inf else "")
+        lines.append("- **The modern recipe reaches the baseline's loss at N in "
+                     f"{_frac(t, m['tokens_to_target_interval'])} of the tokens** (prose val{extra}).")
+        for vname, vs in a.items():
+            mm, b = vs["arms"]["modern"], vs["arms"]["baseline"]
+            k = result["valsets"][vname]["tokens"] / (result["valsets"][vname]["bytes"] * math.log(2))
+            gap = b["loss_at_n"] - mm["loss_at_n"]
+            lines.append(f"- {vname}: loss at N baseline {b['loss_at_n']:.4f}, modern {mm['loss_at_n']:.4f} nats/token "
+                         f"({gap:+.4f} nats = {gap * k:+.4f} bits/byte in the modern recipe's favour); tokens to "
+                         f"the baseline's loss {_frac(mm['tokens_to_target'], mm['tokens_to_target_interval'])}.")
+    c = result.get("step_cost")
+    if c:
+        lines.append(f"- Wall-clock per step on this CPU ({c['how']}): baseline {c['ms_per_step']['baseline']:.0f} "
+                     f"ms, modern {c['ms_per_step']['modern']:.0f} ms = **{c['ratio']:.2f}×** (target ≤ 1.3×).")
+    lines += ["", f"![validation loss against tokens]({result['png']})", ""]
+    return "\n".join(lines)
+
+
+def ablation_markdown(result: dict) -> str:
+    a = result["analysis"]
+    lines = [f"# Ablation on the CPU proxy: {result['tier']} tier", "",
+             f"Each arm against the full modern recipe, every arm LR-tuned on its own (`time-to-quality-"
+             f"{result['tier']}.md` has the sweeps, the runs and the fits). Seeds {result['seeds']}; intervals are "
+             f"95% bootstrap intervals over seeds ({result['bootstrap']} draws). Δ loss > 0: the arm is worse than "
+             "the modern recipe; tokens ratio > 1: it needs more tokens to reach the baseline's loss at N.", ""]
+    if result.get("note"):
+        lines += [f"Scope: {result['note']}", ""]
+    for vname, vs in a.items():
+        k = result["valsets"][vname]["tokens"] / (result["valsets"][vname]["bytes"] * math.log(2))
+        lines += [f"## Validation set `{vname}` (L* = {vs['target']:.4f} nats)", "",
+                  "| arm | what | loss at N (nats) | Δ vs modern (nats) | Δ (bits/byte) | tokens to L* (× N) | "
+                  "tokens vs modern |", "|---|---|---:|---:|---:|---:|---:|"]
+        for name, arm in vs["arms"].items():
+            v = arm["vs_modern"]
+            delta = "–" if v is None else _ci(v["loss_at_n"], v["loss_at_n_interval"], "{:+.4f}")
+            dbpb = "–" if v is None else f"{v['loss_at_n'] * k:+.4f}"
+            ratio = "–" if v is None else _frac(v["tokens_ratio"], v["tokens_ratio_interval"])
+            lines.append(f"| {name} | {result['arms'][name]['about']} | "
+                         f"{_ci(arm['loss_at_n'], arm['loss_at_n_interval'])} | {delta} | {dbpb} | "
+                         f"{_frac(arm['tokens_to_target'], arm['tokens_to_target_interval'])} | {ratio} |")
+        lines.append("")
     return "\n".join(lines)
 
 
 def plot(result: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
-    s = result["summary"]
-    fig = Figure(figsize=(7, 4.2), dpi=150, layout="constrained")
-    ax = fig.subplots()
-    ax.axhline(s["target_val_loss"], color="#555555", linestyle="--", linewidth=1,
-               label=f"L* = {s['target_val_loss']:.3f} (quickstart, best LR, N steps)")
-    tokens = [row["tokens"] for row in s["modern"]]
-    means = [row["val_loss"][0] for row in s["modern"]]
-    sds = [row["val_loss"][1] for row in s["modern"]]
-    ax.errorbar(tokens, means, yerr=sds, marker="o", color="#d62728", capsize=3,
-                label="quickstart-modern, separate runs (mean ± sd)")
-    for v in s["baseline_lrs"].values():
-        ax.plot([result["steps"] * result["tokens_per_step"]], [v["val_loss"]], "s", color="#1f77b4", alpha=0.5)
-    ax.plot([], [], "s", color="#1f77b4", alpha=0.5, label="quickstart at N, each LR of the sweep")
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("final validation loss (nats/token)")
-    ax.set_title("Time to quality on the CPU proxy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    names = list(result["analysis"])
+    fig = Figure(figsize=(6 * len(names), 4.2), dpi=120, layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(names)))
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f"]
+    for ax, vname in zip(axes, names):
+        vs = result["analysis"][vname]
+        ax.axhline(vs["target"], color="#555555", linestyle="--", linewidth=1, label=f"L* = {vs['target']:.3f}")
+        for color, (name, arm) in zip(colors, vs["arms"].items()):
+            x = np.array([r["fraction"] for r in arm["rows"]])
+            ax.errorbar(x, [r["loss"][0] for r in arm["rows"]], yerr=[r["loss"][1] for r in arm["rows"]], fmt="o",
+                        color=color, capsize=3, label=name)
+            if arm["fit"] is not None:
+                xs = np.linspace(x.min() * 0.8, 1.05, 100)
+                ax.plot(xs, arm["fit"][0] + arm["fit"][1] * xs ** -arm["fit"][2], color=color, linewidth=1)
+        ax.set_xlabel(f"training tokens / N (N = {result['steps'] * result['tokens_per_step']:,})")
+        ax.set_ylabel("final validation loss (nats/token)")
+        ax.set_title(f"{result['tier']} tier, val set `{vname}`")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.savefig(path)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, help="shard directory (default: data/embedded, prepared if missing)")
-    parser.add_argument("--heldout", type=Path, help="HellaSwag val jsonl whose text is the held-out set")
-    parser.add_argument("--steps", type=int, default=150, help="N, the baseline's steps (default: quickstart's)")
-    parser.add_argument("--lrs", default="1e-3,3e-3,6e-3,1e-2", help="baseline LRs to sweep (≥ 3)")
-    parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--fractions", default="1,0.75,0.5,0.35")
-    parser.add_argument("--val-tokens", type=int, default=131072, help="val tokens scored per run (0 = all)")
+    parser.add_argument("--tier", choices=["tiny", "larger"], default="tiny")
+    parser.add_argument("--quick", action="store_true", help="micro model on a few pages: the protocol in ~a minute")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"built-in arms to run (of {', '.join(ARMS)})")
+    parser.add_argument("--arm", action="append", default=[], metavar="NAME=OVERRIDES",
+                        help="an extra arm: the modern recipe with these overrides, e.g. 'x=--optim.foo=1'")
+    parser.add_argument("--steps", type=int, help="N (default: the tier's)")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--sweep-seeds", type=int, default=1, help="how many of the seeds the LR sweep runs")
+    parser.add_argument("--lr-mults", default="0.5,1,2", help="initial LR multipliers of the sweep")
+    parser.add_argument("--lr-step", type=float, default=2.0, help="factor of each extension of the sweep")
+    parser.add_argument("--max-extend", type=int, default=3)
+    parser.add_argument("--fractions", default="1,0.5,0.35,0.2,0.1", help="fractions of N run at the best LR (1 first)")
+    parser.add_argument("--floor", type=float, default=0.1, help="every schedule's floor, as a fraction of its peak")
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--heldout", type=Path, default=HELLASWAG if HELLASWAG.is_file() else None,
+                        help="HellaSwag val jsonl: its text is a third validation set (default: shared/data's)")
+    parser.add_argument("--workers", type=int, default=2, help="runs trained side by side (processes)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--no-timing", action="store_true", help="skip the per-step wall-clock comparison")
+    parser.add_argument("--note", default="", help="what was (not) run, written into the results")
     parser.add_argument("--work", type=Path, default=Path("out/time-to-quality"), help="where runs are kept")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "time-to-quality-cpu")
-    parser.add_argument("--quick", action="store_true", help="synthetic data and tiny models: a smoke test")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    lrs = [float(x) for x in args.lrs.split(",")]
-    seeds = [int(x) for x in args.seeds.split(",")]
-    fractions = sorted((float(x) for x in args.fractions.split(",")), reverse=True)
-    extra, seq_len = {}, 128
-    if args.quick:
-        data = synthetic_data(args.work / "data", 512, seed=0)
-        heldout = synthetic_data(args.work / "heldout", 512, seed=1, sizes=(3000,))
-        extra, seq_len = QUICK_MODEL, QUICK_MODEL["train.seq_len"]
-    else:
-        data = args.data or Path("data/embedded")
-        if not data.is_dir():
-            from gpt2forge.data.flags import EMBEDDED_SHARD_SIZE, EMBEDDED_VAL_TOKENS
-            from gpt2forge.data.prepare import prepare
-            from gpt2forge.data.sources import EmbeddedSource
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
-            prepare(EmbeddedSource(), data, shard_size=EMBEDDED_SHARD_SIZE, val_tokens=EMBEDDED_VAL_TOKENS,
-                    prefix="embedded")
-        heldout = heldout_shard(args.heldout, args.work / "heldout", 50257) if args.heldout else None
-    baseline = [run_once(BASELINE, args.steps, s, args.work, data, {**extra, "optim.lr": lr})
-                for lr in lrs for s in seeds]
-    modern = [run_once(MODERN, max(1, round(args.steps * f)), s, args.work, data, extra)
-              for f in fractions for s in seeds]
-    for run in baseline + modern:
-        measure(run, data, heldout, 0 if args.quick else args.val_tokens, seq_len)
-    config = load_config(BASELINE, [f"--{k}={v}" for k, v in extra.items()])
+
+def run(args) -> int:
+    _init_worker(args.threads)
+    tier_name = "quick" if args.quick else args.tier
+    tier = TIERS[tier_name]
+    seeds = [int(x) for x in args.seeds.split(",")]
+    fractions = sorted({float(x) for x in args.fractions.split(",")} | {1.0}, reverse=True)
+    if len(fractions) < 3:
+        raise UserError("--fractions: the curve has 3 parameters; give at least 3 fractions (1 included)")
+    if not 1 <= args.sweep_seeds <= len(seeds):
+        raise UserError(f"--sweep-seeds must be between 1 and the {len(seeds)} --seeds")
+    arms = [ARMS[n] if n in ARMS else None for n in args.arms.split(",")]
+    if None in arms or "baseline" not in args.arms.split(","):
+        raise UserError(f"--arms: choose from {', '.join(ARMS)}, baseline included")
+    arms += [parse_arm(text) for text in args.arm]
+    work = args.work / tier_name
+    if args.quick:  # a few of the reference manual's pages: real English, tokenized in a second
+        topics = proxy_data.topics_documents()
+        documents = {"prose": topics[:60], "topics": topics[60:70]}
+        meta = proxy_data.build(work / "data", tier.vocab, 4096, documents=documents)
+        data_note = "quick: 60 pages of pydoc's topics as the training text, 10 others as `topics`"
+    else:
+        meta = proxy_data.build(work / "data", tier.vocab, 100_000, args.heldout)
+        data_note = (f"English prose of Python {sys.version.split()[0]}'s standard library (docstrings and "
+                     f"comments, `benchmarks/proxy_data.py`): {meta['stats']['prose_train']['bytes']:,} bytes of "
+                     f"training text = {meta['stats']['prose_train']['proxy_tokens']:,} proxy tokens "
+                     f"({meta['stats']['prose_train']['bytes_per_proxy_token']:.2f} bytes/token); `topics` is "
+                     "pydoc's reference manual, never trained on" +
+                     ("; `hellaswag` is HellaSwag's contexts + gold endings, never trained on" if args.heldout else ""))
+    common = {**tier.overrides, "model.vocab_size": meta["size"], "model.vocab_multiple": 1,
+              "data.dir": work / "data" / "prose", "eval.val_every": 0, "eval.sample_every": 0,
+              "eval.hellaswag_every": 0, "checkpoint.every": 0, "checkpoint.keep_last": 1, "log.every": 25,
+              "train.device": "cpu", "train.precision": "fp32", "train.compile": False}
+    byte_lengths = np.array(meta["byte_lengths"])
+    valsets = {name: valset_bytes(work / "data" / name, tier.val_tokens, tier.overrides["train.seq_len"], byte_lengths)
+               for name in ("prose", "topics", "hellaswag") if (work / "data" / name).is_dir()}
+    ctx = Context(tier, work / "data", valsets, work, args.steps or tier.steps, args.floor, common)
+
+    steps = {f: max(1, round(ctx.steps * f)) for f in fractions}
+    if len(set(steps.values())) < len(steps):
+        raise UserError(f"--fractions {args.fractions}: two of them round to the same number of the {ctx.steps} steps")
+    sweep_seeds = seeds[: args.sweep_seeds]
+    sweeps = sweep(ctx, arms, [float(x) for x in args.lr_mults.split(",")], args.lr_step, args.max_extend,
+                   sweep_seeds, args.workers, args.threads)
+    jobs = [(arm, sweeps[arm.name]["best"], steps[f], seed) for arm in arms for f in fractions for seed in seeds]
+    done = run_many(ctx, jobs, args.workers, args.threads)
+    arm_runs = {arm.name: {f: [r for job, r in zip(jobs, done) if job[0] is arm and job[2] == steps[f]]
+                           for f in fractions} for arm in arms}
+    result_arms = {arm.name: {"about": arm.about, "recipe": arm.recipe, "overrides": arm.overrides,
+                              "params": parameter_split(ctx, arm), "sweep": sweeps[arm.name]} for arm in arms}
+    rng = np.random.default_rng(0)
+    analysis = {name: analyse(arm_runs, fractions, name, args.bootstrap, rng) for name in valsets}
+    first = ctx.arm_config(ARMS["baseline"])
+    out = args.results / f"time-to-quality-{tier_name}"
     result = {
-        "benchmark": "time to quality (CPU proxy)", "command": " ".join(["python", *sys.argv]),
+        "benchmark": "time to quality (CPU proxy)", "tier": tier_name, "tier_about": tier.about,
+        "command": " ".join(["python", *sys.argv]), "note": args.note,
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "hardware": hardware_summary("cpu"),
-        "versions": library_versions(), "steps": args.steps, "tokens_per_step": config.train.total_batch_tokens,
-        "seeds": seeds, "val_tokens_scored": baseline[0]["val_tokens"],
-        "heldout_tokens_scored": baseline[0].get("heldout_tokens"), "quick": args.quick,
-        "runs": baseline + modern, "summary": summarise(baseline, modern, fractions, args.steps),
-        "step_cost": step_cost(data, args.work, extra, rounds=2 if args.quick else 6, steps=2 if args.quick else 5),
-        "png": args.out.with_suffix(".png").name,
+        "versions": library_versions(), "steps": ctx.steps, "tokens_per_step": first.train.total_batch_tokens,
+        "vocab": meta["size"], "data_note": data_note, "data_stats": meta["stats"], "seeds": seeds,
+        "sweep_seeds": sweep_seeds, "fractions": fractions, "floor": args.floor, "bootstrap": args.bootstrap,
+        "valsets": valsets, "arms": result_arms, "analysis": analysis,
+        "runs": [r for runs in arm_runs.values() for rs in runs.values() for r in rs],
+        "step_cost": None if args.no_timing else step_cost(ctx, 2 if args.quick else 4, 2 if args.quick else 3),
+        "png": out.with_suffix(".png").name,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    plot(result, args.out.with_suffix(".png"))
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(to_markdown(result))
+    for s in result_arms.values():  # JSON keys are strings
+        s["sweep"]["means"] = {f"{m:g}": v for m, v in s["sweep"]["means"].items()}
+    args.results.mkdir(parents=True, exist_ok=True)
+    plot(result, out.with_suffix(".png"))
+    from gpt2forge.files import atomic_write_text
+
+    atomic_write_text(out.with_suffix(".json"), json.dumps(result, indent=1, default=str) + "\n")
+    for s in result_arms.values():
+        s["sweep"]["means"] = {float(m): v for m, v in s["sweep"]["means"].items()}
+    atomic_write_text(out.with_suffix(".md"), to_markdown(result))
+    atomic_write_text(args.results / f"ablation-{tier_name}.md", ablation_markdown(result))
     print(to_markdown(result))
     return 0
 

@@ -1,43 +1,114 @@
-"""The time-to-quality benchmark follows its protocol: a baseline LR sweep over seeds, the modern recipe as
-separate full runs (each with its own schedule), L* the best mean, the headline derived from the table."""
+"""The time-to-quality benchmark follows its protocol: LR sweeps that extend until the best is inside, the same LR
+floor rule for every arm, shorter budgets as separate runs with their own schedules, fitted curves whose
+tokens-to-target and intervals come from the table, bits per byte from the bytes the scored tokens decode to, and
+a lossless proxy vocabulary."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 from gpt2forge.config import load_config
+from gpt2forge.data.loader import val_batches
+from gpt2forge.models import IGNORE_INDEX
+from gpt2forge.tokenizer import get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import proxy_data  # noqa: E402
+import time_to_quality as ttq  # noqa: E402
+
+
+def test_proxy_vocabulary_is_lossless_and_spells_rare_tokens_in_bytes():
+    tokenizer = get_tokenizer()
+    common = "the of and to a in is that for it " * 50
+    vocab = proxy_data.ProxyVocab.build(np.array(tokenizer.encode(common)), 300)
+    assert vocab.size <= 300 and vocab.gpt2_ids[256] == tokenizer.eot
+    text = "the Übersetzung of naïve 東京 tokens\n\tand emoji 🙂" + common[:40]
+    gpt2 = np.array(tokenizer.encode(text) + [tokenizer.eot])
+    ids = vocab.encode(gpt2)
+    assert ids.max() < vocab.size and len(ids) > len(gpt2)  # rare tokens were spelt out
+    assert vocab.decode_bytes(ids) == text.encode()
+    assert vocab.byte_lengths[ids].sum() == len(text.encode())  # <|endoftext|> has no bytes
+    kept = vocab.encode(np.array(tokenizer.encode(" the")))
+    assert len(kept) == 1  # a frequent token stays one token
+
+
+def test_sweep_extends_on_the_side_of_the_best_until_it_is_inside(monkeypatch):
+    def fake_run(ctx, arm, mult, steps, seed):  # a loss valley at multiplier 8
+        return {"val": {"prose": {"loss": 3 + (math.log2(mult) - 3) ** 2 + 0.01 * seed}}}
+
+    monkeypatch.setattr(ttq, "run_once", fake_run)
+    ctx = ttq.Context(ttq.TIERS["quick"], Path("."), {}, Path("."), 10, 0.1)
+    up, down = ttq.ARMS["modern"], ttq.ARMS["baseline"]
+    s = ttq.sweep(ctx, [up], [0.5, 1, 2], 2.0, 5, [0, 1])["modern"]
+    assert s["mults"] == [0.5, 1, 2, 4, 8, 16] and s["best"] == 8 and s["interior"] and s["extended"] == 3
+    s = ttq.sweep(ctx, [up, down], [64, 128], 2.0, 2, [0])  # downwards, and the cap on extensions
+    assert s["baseline"] == s["modern"]
+    assert s["modern"]["mults"] == [16, 32, 64, 128] and s["modern"]["best"] == 16
+    assert not s["modern"]["interior"] and s["modern"]["extended"] == 2
+
+
+def test_fit_recovers_a_power_law_and_inverts_it():
+    x = np.array([0.2, 0.35, 0.5, 1.0])
+    e, a, alpha = 3.0, 0.8, 0.6
+    params = ttq.fit_curve(x, e + a * x ** -alpha)
+    assert params == pytest.approx((e, a, alpha), rel=1e-3)
+    assert ttq.tokens_to(params, e + a * 0.3 ** -alpha) == pytest.approx(0.3, rel=1e-3)
+    assert ttq.tokens_to(params, e - 0.1) == math.inf  # below the asymptote: never
 
 
 def test_quick_benchmark_follows_the_protocol(tmp_path):
-    out = tmp_path / "ttq"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "time_to_quality.py"), "--quick", "--work", str(tmp_path / "w"),
-           "--out", str(out), "--steps", "6", "--lrs", "1e-3,3e-3,1e-2", "--seeds", "0,1", "--fractions", "1,0.5"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
+    results, work = tmp_path / "results", tmp_path / "w"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "time_to_quality.py"), "--quick", "--work", str(work),
+           "--results", str(results), "--arms", "baseline,modern", "--seeds", "0,1", "--fractions", "1,0.5,0.25",
+           "--lr-mults", "0.02,0.04", "--max-extend", "2", "--bootstrap", "50", "--no-timing"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    data = json.loads(out.with_suffix(".json").read_text())
-    assert out.with_suffix(".png").stat().st_size > 0 and "## Result" in out.with_suffix(".md").read_text()
+    data = json.loads((results / "time-to-quality-quick.json").read_text())
+    assert (results / "time-to-quality-quick.png").stat().st_size > 0
+    assert "## Result" in (results / "time-to-quality-quick.md").read_text()
+    assert "| modern |" in (results / "ablation-quick.md").read_text()
 
-    baseline = [r for r in data["runs"] if r["recipe"] == "quickstart"]
-    modern = [r for r in data["runs"] if r["recipe"] == "quickstart-modern"]
-    assert sorted((r["lr"], r["seed"]) for r in baseline) == [(lr, s) for lr in (1e-3, 3e-3, 1e-2) for s in (0, 1)]
-    assert sorted((r["steps"], r["seed"]) for r in modern) == [(3, 0), (3, 1), (6, 0), (6, 1)]
-    for run in modern:  # a shorter budget is its own full run: its schedule ends at its own last step
-        assert load_config(str(Path(run["run_dir"]) / "config.toml")).train.max_steps == run["steps"]
+    for arm in data["arms"].values():
+        s = arm["sweep"]  # tiny LRs: the best is the largest, so the sweep must have grown upwards
+        assert s["extended"] >= 1 and s["mults"][:2] == [0.02, 0.04]
+        assert all(b == pytest.approx(2 * a) for a, b in zip(s["mults"], s["mults"][1:]))
+        means = {float(m): v for m, v in s["means"].items()}
+        assert s["best"] == min(means, key=means.get)
+        assert s["interior"] or s["extended"] == 2
+    for run in data["runs"]:
+        config = load_config(str(Path(run["run_dir"]) / "config.toml"))
+        assert config.train.max_steps == run["steps"]  # a shorter budget is its own full run
+        assert config.optim.min_lr == pytest.approx(0.1 * config.optim.lr)  # one floor rule for every arm
         assert run["tokens"] == run["steps"] * data["tokens_per_step"]
-    losses = {r["val_loss"] for r in data["runs"]}
-    assert len(losses) == len(data["runs"])  # every run was scored, and on its own weights
+    assert sorted({(r["arm"], r["steps"], r["seed"]) for r in data["runs"] if r["steps"] < data["steps"]}) == [
+        (arm, steps, seed) for arm in ("baseline", "modern") for steps in (2, 4) for seed in (0, 1)]
 
-    summary = data["summary"]
-    means = {lr: row["val_loss"] for lr, row in summary["baseline_lrs"].items()}
-    assert summary["target_val_loss"] == min(means.values())
-    assert summary["target_val_loss"] == means[str(summary["best_lr"])]
-    reaching = [row["fraction"] for row in summary["modern"] if row["val_loss"][0] <= summary["target_val_loss"]]
-    assert summary["smallest_fraction_reaching_target"] == (min(reaching) if reaching else None)
-    full = next(row for row in summary["modern"] if row["fraction"] == 1)
-    assert summary["gap_at_equal_steps"] == summary["target_val_loss"] - full["val_loss"][0]
-    assert summary["heldout_baseline"] is not None and summary["heldout_modern"] is not None
-    cost = data["step_cost"]
-    assert cost["ratio"] == cost["ms_per_step"]["quickstart-modern"] / cost["ms_per_step"]["quickstart"]
+    meta = json.loads((work / "quick" / "data" / "vocab.json").read_text())
+    vocab = proxy_data.ProxyVocab(meta["gpt2_ids"])
+    for name, vs in data["valsets"].items():  # the bytes behind bpb: the scored targets, decoded
+        targets = np.concatenate([y[y != IGNORE_INDEX].numpy() for _, y in val_batches(vs["dir"], 7, 32,
+                                                                                       max_tokens=4096)])
+        assert len(targets) == vs["tokens"] and len(vocab.decode_bytes(targets)) == vs["bytes"]
+        for run in data["runs"]:
+            v = run["val"][name]
+            assert v["bpb"] == pytest.approx(v["loss"] * vs["tokens"] / vs["bytes"] / math.log(2))
+
+    for name, analysis in data["analysis"].items():
+        target = analysis["target"]
+        baseline_n = [r["val"][name]["loss"] for r in data["runs"]
+                      if r["arm"] == "baseline" and r["steps"] == data["steps"] and r["mult"] ==
+                      data["arms"]["baseline"]["sweep"]["best"]]
+        assert target == pytest.approx(np.mean(baseline_n))
+        for arm in analysis["arms"].values():
+            x = np.array([row["fraction"] for row in arm["rows"]])
+            y = np.array([row["loss"][0] for row in arm["rows"]])
+            assert arm["fit"] == pytest.approx(ttq.fit_curve(x, y), rel=1e-6)  # the fit is of the table's means
+            assert arm["tokens_to_target"] == pytest.approx(ttq.tokens_to(arm["fit"], target))
+            lo, hi = arm["tokens_to_target_interval"]
+            assert lo <= hi
