@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -154,6 +155,11 @@ def main() -> None:
     print(report(result))
 
 
+def rewrite_report(path: Path) -> None:
+    """Rewrite the markdown from a recorded JSON (after a change to ``report``; the figures are untouched)."""
+    atomic_write_text(path.with_suffix(".md"), report(json.loads(path.read_text())))
+
+
 def report(r: dict) -> str:
     before = r["rows"]["before"]["median"]
     lines = [
@@ -179,6 +185,16 @@ def report(r: dict) -> str:
         + (f" Compiled on the CPU vs eager: max |Δweight| {r['compiled_max_abs_diff']:.1e}."
            if r["compiled_max_abs_diff"] is not None else ""),
         "",
+        *([] if any(row["quiet"] for row in r["rows"].values()) else [
+            "**No round was quiet**: other processes kept "
+            f"{min(min(row['other_cores']) for row in r['rows'].values()):.1f}–"
+            f"{max(max(row['other_cores']) for row in r['rows'].values()):.1f} of the cores busy throughout, and one "
+            "contender's rounds differ by up to "
+            f"{max(row['max'] / row['min'] for row in r['rows'].values()):.1f}×: the times and ratios above are "
+            "the machine's load more than the code's. Read the ops column and the bit-identity; rerun on a quiet "
+            "machine for the times.",
+            "",
+        ]),
         "Rounds count as quiet when other processes kept fewer than "
         f"{r['quiet_threshold_cores']} cores busy; the median is over those when there are any. On a CPU the step is "
         "the Newton–Schulz matmuls (~1.6 TFLOP per step for jordan5), so batching and foreach ops change little "
