@@ -200,6 +200,11 @@ class CheckpointSection:
     """Save a checkpoint every N steps (0 = only at the end and on SIGTERM/SIGINT)."""
     keep_last: int = 3
     """Keep the newest K checkpoints; older ones are deleted once a newer one is complete."""
+    format: str = "auto"
+    """full (the whole model and optimizer state gathered to rank 0 and written there, synchronously:
+    model.safetensors + optimizer.pt), sharded (every rank writes its own shards with torch.distributed.checkpoint,
+    in the background while training goes on; resumable on any number of ranks; eval/sample/export read it too), or
+    auto: sharded with train.distributed = fsdp on several ranks, full otherwise. Any run resumes from either."""
 
 
 @dataclass
@@ -421,6 +426,7 @@ CHOICES = {
     "optim.schedule": ("cosine", "wsd"),
     "train.precision": ("auto", "bf16", "fp32"),
     "train.distributed": ("ddp", "fsdp"),
+    "checkpoint.format": ("auto", "full", "sharded"),
     "train.attention": ATTENTION_KINDS,
     "train.loss": LOSS_KINDS,
 }
@@ -549,7 +555,7 @@ SECTION_SUMMARIES = {
     "optim": "optimizer, learning rates and their schedule",
     "train": "steps, batch, device, precision and the speed switches",
     "eval": "what the training loop evaluates, and how often: validation loss, HellaSwag, samples",
-    "checkpoint": "how often to save, how many to keep",
+    "checkpoint": "how often to save, how many to keep, in which format",
     "log": "where the run directory goes, and the experiment trackers that mirror metrics.csv",
 }
 
