@@ -52,6 +52,7 @@ from .. import dist, runs
 from ..config import Config
 from ..errors import UserError
 from ..files import atomic_write_text, explain, free_space, fsync_dir
+from ..models import tied_weights
 from ..optim.schedules import schedule_change, schedule_settings
 from ..runs import MANIFEST, checkpoint_step, complete_checkpoints, step_dir_name
 from ..weights import (
@@ -138,14 +139,16 @@ class ModelPiece:
         set_model_state_dict(self.wrapped, state, options=options)
 
     def sharded_state_dict(self) -> dict:
+        """This rank's shards; tied aliases (GPT-2's head) left out, as in the weights file: stored once."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        return get_model_state_dict(self.wrapped)
+        aliases = tied_weights(self.config)
+        return {k: v for k, v in get_model_state_dict(self.wrapped).items() if k not in aliases}
 
     def load_sharded_state_dict(self, state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-        set_model_state_dict(self.wrapped, state)
+        set_model_state_dict(self.wrapped, {**state, **{a: state[s] for a, s in tied_weights(self.config).items()}})
 
 
 class OptimizersPiece:
