@@ -26,6 +26,9 @@ PY
 (cd "$work" && HF_HUB_OFFLINE=1 "$py" -c "
 from gpt2forge.tokenizer import get_tokenizer, resolve_vocab
 assert get_tokenizer().encode('Hello world') == [15496, 995], 'packaged vocabulary'
-print('tokenizer from', resolve_vocab().source)")
+print('tokenizer from', resolve_vocab().source)"
+  for command in train eval sample bench; do "$work/venv/bin/gpt2forge" "$command" --help >/dev/null; done
+  "$work/venv/bin/gpt2forge" train --config quickstart --print-config > "$work/config.toml"  # TOML written
+  grep -q '^\[optim\]' "$work/config.toml")
 PATH="$work/venv/bin:$PATH" HF_HUB_OFFLINE=1 bash benchmarks/gpu_check.sh --dry-run "$work/gpu-check"
 echo "gpu rehearsal: venv and installs ${installed} s, total $(( $(date +%s) - started )) s"

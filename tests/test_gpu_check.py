@@ -45,7 +45,7 @@ def test_dry_run_measures_every_section(tmp_path):
         assert r["profile"]["top"] and r["profile"]["shares"]["gemm"] > 0
         assert r["profile"]["attention_backend"] == "flash"
         assert r["optimizer_profile"]["shares"]["optimizer"] > 0  # the optimizer had gradients to apply
-    assert sections["ddp"]["losses"] and sections["ddp"]["checkpoint"]
+    assert sections["ddp"]["losses"] and sections["ddp"]["checkpoint"] and sections["ddp"]["ddp_wrapped"]
     md = (out / "gpu-check.md").read_text()
     assert md.startswith("# GPU check (dry run") and "| **total** |" in md and "MFU (llm.c)" in md
     assert "| **total** |" in result.stdout  # the timing table closes the console output

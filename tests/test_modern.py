@@ -109,6 +109,7 @@ def test_defaults_are_track_3():
     c = make_config("modern")
     assert (c.n_layer, c.n_embd, c.head_dim, c.padded_vocab_size) == (12, 768, 128, 50304)
     assert (c.rope_base, c.rope_dims, c.attn_scale, c.logit_softcap, c.mlp) == (1024.0, 64, 0.12, 15.0, "relu2")
+    assert c.logit_softcap_form == "algebraic"
     assert c.qk_norm and c.embed_norm and c.zero_init and c.bias and not c.tie_embeddings
     assert ModernConfig() == c  # the dataclass defaults are the default preset
 
@@ -126,15 +127,32 @@ def test_zero_init_zeroes_out_projections_and_head():
     assert all(p.any() for n, p in plain.named_parameters() if n.endswith(".weight"))
 
 
-def test_logit_softcap_is_tanh():
-    capped, raw = model_of(small(zero_init=False)), model_of(small(zero_init=False, logit_softcap=0))
+@pytest.mark.parametrize("form, cap", [("algebraic", lambda x: 15 * x / torch.sqrt(x**2 + 15**2)),
+                                       ("tanh", lambda x: 15 * torch.tanh(x / 15))])
+@pytest.mark.parametrize("loss", ["reference", "chunked"])
+def test_logit_softcap_forms(form, cap, loss):
+    runtime = Runtime(loss=loss)
+    capped = model_of(small(zero_init=False, logit_softcap_form=form), runtime)
+    raw = model_of(small(zero_init=False, logit_softcap=0), runtime)
     with torch.no_grad():
         for m in (capped, raw):
             m.lm_head.weight.mul_(500)  # logits far beyond the cap
     idx = torch.randint(0, 500, (2, 10))
     logits, uncapped = capped(idx)[0], raw(idx)[0]
     assert uncapped.abs().max() > 100 and logits.abs().max() <= 15
-    torch.testing.assert_close(logits, 15 * torch.tanh(uncapped / 15))
+    torch.testing.assert_close(logits, cap(uncapped))
+    # The loss applies the same cap: the training path (chunked or not) scores the capped logits.
+    targets = torch.randint(0, 500, (2, 10))
+    torch.testing.assert_close(capped(idx, targets)[1], F.cross_entropy(cap(uncapped).flatten(0, 1), targets.flatten()))
+
+
+def test_weights_files_without_a_softcap_form_meant_tanh():
+    from gpt2forge.models import config_from_dict
+
+    stored = small().to_dict()
+    assert config_from_dict(stored).logit_softcap_form == "algebraic"
+    del stored["logit_softcap_form"]  # written before the field existed
+    assert config_from_dict(stored).logit_softcap_form == "tanh"
 
 
 def test_qk_norm_makes_attention_blind_to_the_scale_of_q_and_k():
@@ -203,7 +221,7 @@ def test_every_switch_off_still_builds_and_learns_something():
 @pytest.mark.parametrize("field, value, message", [
     ("rope_fraction", 0.3, "model.rope_fraction"), ("rope_fraction", 1.5, "model.rope_fraction"),
     ("rope_base", 0.0, "model.rope_base"), ("mlp", "swiglu", "model.mlp"),
-    ("logit_softcap", -1.0, "model.logit_softcap"),
+    ("logit_softcap", -1.0, "model.logit_softcap"), ("logit_softcap_form", "erf", "model.logit_softcap_form"),
     ("attn_scale", -1.0, "model.attn_scale"), ("qk_norm", "yes", "model.qk_norm"), ("n_head", 5, "model.n_head"),
 ])
 def test_bad_values_are_refused_naming_the_field(field, value, message):

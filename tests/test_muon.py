@@ -14,9 +14,18 @@ import pytest
 import torch
 from torch import nn
 
-from gpt2forge.optim.muon import Muon, newton_schulz
+from gpt2forge.optim.muon import NS_VARIANTS, Muon, newton_schulz
 
-QUINTIC = (3.4445, -4.7750, 2.0315)  # written out here, so that a changed constant in muon.py fails the tests
+# Written out here, so that a changed constant in muon.py fails the tests.
+QUINTIC = (3.4445, -4.7750, 2.0315)
+TRACK3 = (2.0, -1.5, 0.5)  # track 3's train_gpt_simple.py, 12 times
+POLAR_EXPRESS = [  # modded-nanogpt's train_gpt.py (f411b3d3): 5 iterations, safety factor 2e-2
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+]
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -70,6 +79,57 @@ def test_newton_schulz_applies_the_quintic_to_each_singular_value():
     s = s.sort(descending=True).values  # p⁵ is not monotonic
     torch.testing.assert_close(torch.linalg.svdvals(newton_schulz(G, dtype=torch.float64)), s, atol=1e-6, rtol=0)
     assert not torch.allclose(torch.linalg.svdvals(newton_schulz(G, steps=4, dtype=torch.float64)), s, atol=1e-3)
+
+
+@pytest.mark.parametrize("variant, triples, start, band", [
+    ("track3", [TRACK3] * 12, lambda s, norm: s / (norm + 1e-7), (1 - 1e-5, 1 + 1e-5)),  # converges
+    ("polar_express", POLAR_EXPRESS, lambda s, norm: s / (1.02 * norm + 1e-6), (0.85, 1.15)),
+    ("jordan5", [QUINTIC] * 5, lambda s, norm: s / (norm + 1e-7), (0.68, 1.21)),
+])
+def test_newton_schulz_variants_apply_their_polynomials(variant, triples, start, band):
+    """Each variant maps the singular values s/‖G‖_F through its own sequence of quintics, from its own start
+    (Polar Express: divided by 1.02·‖G‖_F + 1e-6); singular values above ~1e-3 of the norm land in its band."""
+    torch.manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(40, 24, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(24, 24, dtype=torch.float64))
+    s0 = torch.logspace(-2.5, 0, 24, dtype=torch.float64)
+    G = U @ torch.diag(s0) @ V.T
+    s = start(s0, G.norm())
+    for a, b, c in triples:
+        s = a * s + b * s**3 + c * s**5
+    assert band[0] < s.min() and s.max() < band[1]
+    torch.testing.assert_close(torch.linalg.svdvals(newton_schulz(G, dtype=torch.float64, variant=variant)),
+                               s.sort(descending=True).values, atol=1e-9, rtol=0)
+    assert len(NS_VARIANTS[variant].schedule(None)) == len(triples)
+
+
+def test_newton_schulz_step_counts():
+    assert NS_VARIANTS["track3"].schedule(3) == (TRACK3,) * 3  # a constant triple repeats for any count
+    assert NS_VARIANTS["polar_express"].schedule(2) == tuple(POLAR_EXPRESS[:2])
+    with pytest.raises(ValueError, match="5 per-iteration triples; 6 steps"):
+        Muon([torch.zeros(4, 4, requires_grad=True)], ns="polar_express", ns_steps=6)
+    with pytest.raises(ValueError, match="unknown Newton–Schulz variant 'cubic'"):
+        Muon([torch.zeros(4, 4, requires_grad=True)], ns="cubic")
+
+
+def test_a_scaled_guard_makes_muon_blind_to_the_loss_scale():
+    """A loss summed over N tokens has N× the gradients of the mean: Muon with the guard divided by N on the mean's
+    gradients moves the weights as Muon with the guard on the sum's (what the track-3 recipe relies on). N a power
+    of two: every scaling is exact, so the two are bit-identical."""
+    torch.manual_seed(0)
+    N = 1024
+    means = [torch.randn(4, 24, 16) * 1e-11 for _ in range(3)]  # tiny gradients, where the guard matters
+    finals = []
+    for scale, eps in ((1.0, 1e-7 / N), (float(N), 1e-7), (1.0, 1e-7)):
+        p = torch.ones(24, 16, requires_grad=True)
+        opt = Muon([p], lr=0.1, ns="track3", ns_eps=eps)
+        for grads in means:
+            for g in grads:
+                p.grad = g * scale
+                opt.step()
+        finals.append(p.detach().clone())
+    assert torch.equal(finals[0], finals[1])
+    assert (finals[2] - finals[1]).abs().max() > 1e-3  # the unscaled guard on the mean does differ
 
 
 def test_newton_schulz_batched_bf16_and_zero_input():
@@ -217,7 +277,8 @@ def test_lr_and_momentum_are_read_from_the_param_groups():
     train_step(model, opt, 3)
     for p, b in zip(model.parameters(), before):
         scale = math.sqrt(max(1, p.size(0) / p.size(1)))
-        assert torch.equal(p, b.add(newton_schulz(p.grad), alpha=-0.02 * scale))
+        # A batch of one, as the optimizer stacks each shape: torch's CPU bmm rounds toy sizes unlike mm.
+        assert torch.equal(p, b.add(newton_schulz(p.grad[None])[0], alpha=-0.02 * scale))
         assert torch.equal(opt.state[p]["momentum_buffer"], p.grad)
 
     # lr 0: nothing moves, though the momentum buffer still takes the gradient.
@@ -239,12 +300,12 @@ RANK_SCRIPT = textwrap.dedent("""
 
     rank, world, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     torch.set_num_threads(1)
-    calls = []
-    plain = muon.newton_schulz
-    def counting(G, *args, **kwargs):
-        calls.append(tuple(G.shape))
-        return plain(G, *args, **kwargs)
-    muon.newton_schulz = counting
+    calls = []  # one entry per batched Newton–Schulz: how many matrices it orthogonalised
+    plain = muon._iterate
+    def counting(X, *args):
+        calls.append(X.size(0))
+        return plain(X, *args)
+    muon._iterate = counting
 
     shapes = [(16, 8), (8, 24), (16, 8), (12, 12), (8, 24), (16, 8), (5, 7)]  # (5, 7): no gradient, skipped
     def train(steps=4, process_group=None):
@@ -259,15 +320,17 @@ RANK_SCRIPT = textwrap.dedent("""
         return [p.detach() for p in params], [opt.state[p]["momentum_buffer"] for p in params[:-1]]
 
     reference = train()  # single process: before the process group exists
-    single_calls = len(calls)
+    single_calls, single_matrices = len(calls), sum(calls)
     calls.clear()
     dist.init_process_group("gloo", rank=rank, world_size=world)
     shared = train()  # the default group
-    shared_calls = len(calls)
+    shared_matrices = sum(calls)
+    calls.clear()
     explicit = train(process_group=dist.new_group([0, 1]))
     dist.destroy_process_group()
-    torch.save({"reference": reference, "single_calls": single_calls, "shared": shared, "calls": shared_calls,
-                "explicit": explicit, "explicit_calls": len(calls) - shared_calls}, out)
+    torch.save({"reference": reference, "single_calls": single_calls, "single_matrices": single_matrices,
+                "shared": shared, "matrices": shared_matrices, "explicit": explicit,
+                "explicit_matrices": sum(calls)}, out)
 """)
 
 
@@ -285,10 +348,11 @@ def test_distributed_share_is_bit_identical(tmp_path):
         assert proc.returncode == 0, output
 
     results = [torch.load(out, weights_only=True) for out in outs]
-    total = results[0]["single_calls"]
+    assert results[0]["single_calls"] == 4 * 3  # 4 steps × one batched call per shape
+    total = results[0]["single_matrices"]
     assert total == 4 * 6  # 4 steps × 6 matrices with gradients
     for r in results:  # each rank orthogonalised only its share: 3 of the 6 matrices
-        assert r["calls"] == r["explicit_calls"] == total // 2
+        assert r["matrices"] == r["explicit_matrices"] == total // 2
         for run in ("shared", "explicit"):
             for ref, got in zip(r["reference"], r[run]):  # params, then momentum buffers
                 assert all(torch.equal(a, b) for a, b in zip(ref, got))
@@ -304,3 +368,71 @@ def test_refuses_non_matrix_parameters():
     opt = Muon([torch.zeros(8, 8, requires_grad=True)])
     with pytest.raises(ValueError, match=r"shape \(2, 3, 4\)"):
         opt.add_param_group({"params": [torch.zeros(2, 3, 4, requires_grad=True)]})
+
+
+# 8. Compiling, and on a GPU: batched in bf16, no host syncs
+
+@pytest.mark.parametrize("variant", sorted(NS_VARIANTS))
+@pytest.mark.parametrize("shape", [(3, 48, 16), (2, 16, 48), (24, 24)])
+def test_the_iteration_compiles_to_one_graph(variant, shape):
+    """What CUDA runs through torch.compile: one graph per shape, no breaks (explain traces without Inductor)."""
+    import torch._dynamo
+
+    from gpt2forge.optim import muon
+
+    spec = NS_VARIANTS[variant]
+    explanation = torch._dynamo.explain(muon._iterate)(torch.randn(shape), spec.schedule(None), spec.norm_scale,
+                                                        spec.eps)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+
+
+def test_a_failing_compile_falls_back_to_eager_once(monkeypatch):
+    from gpt2forge.optim import muon
+
+    def broken():
+        def fail(*args):
+            raise RuntimeError("no backend here")
+        return fail
+
+    monkeypatch.setattr(muon, "_compiled_iterate", broken)
+    torch.manual_seed(0)
+    a = [torch.randn(16, 8, requires_grad=True), torch.randn(8, 24, requires_grad=True)]
+    b = [p.detach().clone().requires_grad_() for p in a]
+    forced, plain = Muon(a, compile=True), Muon(b)
+    for step in range(2):
+        for p, q in zip(a, b):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        if step == 0:
+            with pytest.warns(RuntimeWarning, match="compile of Newton–Schulz failed .RuntimeError: no backend here"):
+                forced.step()
+        else:
+            forced.step()  # no second warning: it stays eager
+        plain.step()
+    assert forced.compile is False
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+@pytest.mark.cuda
+def test_cuda_step_is_compiled_sync_free_and_matches_eager():
+    torch.manual_seed(0)
+    shapes = [(96, 32), (96, 32), (32, 128), (64, 64)]
+    params = {mode: [torch.randn(s, device="cuda", requires_grad=True) for s in shapes] for mode in ("c", "e")}
+    for a, b in zip(params["c"], params["e"]):
+        b.data.copy_(a.data)
+    compiled = Muon(params["c"], weight_decay=0.05, ns="track3")
+    eager = Muon(params["e"], weight_decay=0.05, ns="track3", compile=False)
+    for step in range(3):
+        grads = [torch.randn(s, device="cuda") for s in shapes]
+        for opt, ps in ((compiled, params["c"]), (eager, params["e"])):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            if step == 2:  # after the compiles: a host sync in the step would raise here
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    assert compiled.compile is not False  # it compiled, rather than falling back
+    for a, b in zip(params["c"], params["e"]):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=0)  # bf16 NS, fused differently when compiled

@@ -68,3 +68,30 @@ def test_schedules_are_pure_functions_of_the_step():
     assert all(a > b for a, b in zip(steps, steps[1:]))  # strictly decreasing through the cooldown
     optim = OptimSection(muon_momentum_start=0.85, muon_momentum=0.95, muon_momentum_warmup_steps=300)
     assert [muon_momentum_at(s, optim) for s in (0, 150, 300, 1000)] == pytest.approx([0.85, 0.90, 0.95, 0.95])
+
+
+def test_track3_recipe_decays_gains_and_biases_and_the_reference_does_not():
+    """Track 3 gives every AdamW group weight decay 0.001, gains and biases included (``scalar_weight_decay``);
+    GPT-2's recipe keeps them undecayed (the default)."""
+    model = build_model(make_config("modern", "tiny", n_layer=2, vocab_size=512, vocab_multiple=64))
+    opts = build_optimizers(model, load_config("quickstart-modern").optim, "cpu", max_steps=100)
+    by_roles = {spec.roles: group["weight_decay"]
+                for name, o in opts.items() for group, spec in zip(o.param_groups, opts.specs[name])}
+    assert by_roles == {("embedding",): 0.001, ("scalar",): 0.001, ("head",): 0.001, ("matrix",): 0.05}
+    assert OptimSection().scalar_weight_decay == 0.0
+    muon = opts.optimizers["muon"].param_groups[0]
+    assert (muon["ns"], muon["ns_steps"], muon["ns_eps"]) == ("track3", None, 1e-7 / 2048)
+
+
+def test_newton_schulz_choices_are_muons_variants():
+    from gpt2forge.config import CHOICES
+    from gpt2forge.errors import UserError
+    from gpt2forge.optim.muon import NS_VARIANTS
+
+    assert CHOICES["optim.muon_ns"] == tuple(NS_VARIANTS)
+    with pytest.raises(UserError, match="optim.muon_ns must be one of jordan5, track3, polar_express"):
+        load_config(None, ["optim.muon_ns=cubic"])
+    with pytest.raises(UserError, match="optim.muon_ns_steps .6. must be at most 5 with optim.muon_ns=polar_express"):
+        load_config(None, ["optim.muon_ns=polar_express", "optim.muon_ns_steps=6"])
+    with pytest.raises(UserError, match="optim.scalar_weight_decay must be ≥ 0"):
+        load_config(None, ["optim.scalar_weight_decay=-1"])

@@ -20,9 +20,11 @@ import pytest
 import gpt2forge.commands.prepare as prepare_command_module
 from gpt2forge.commands import COMMANDS, build_parser
 from gpt2forge.commands.train import resolve
+from gpt2forge.config import load_config
 from gpt2forge.data.flags import FLAGS, missing_data_hint, prepare_command, prepare_line
 from gpt2forge.data.manifest import Settings, tokenizer_description
-from gpt2forge.train.trainer import resume_command
+from gpt2forge.train.guard import stop_advice
+from gpt2forge.train.rundir import RunDir
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "gpt2forge"
 PLACEHOLDER = "X"
@@ -198,14 +200,20 @@ def test_missing_data_hints_parse_and_do_not_download_for_the_quickstart(tmp_pat
     assert "download" in missing_data_hint(tmp_path / "fineweb")
 
 
-def test_trains_resume_command_parses(monkeypatch, tmp_path):
-    argv = ["gpt2forge", "train", "--config", "quickstart", "--resume", "elsewhere", "--optim.lr=1e-3", "--data",
+def test_trains_resume_command_and_divergence_advice_parse(tmp_path):
+    argv = ["train", "--config", "quickstart", "--resume", "elsewhere", "--optim.lr=1e-3", "--data",
             str(tmp_path / "d"), "--train.max_steps=20"]
-    monkeypatch.setattr("sys.argv", argv)
-    line = resume_command(tmp_path / "run" / "step-000010")
+    config = load_config("quickstart", ["--optim.lr=1e-3"])
+    rundir = RunDir(config, argv)
+    checkpoint = tmp_path / "run" / "step-000010"
+    line = rundir.resume_command(checkpoint)
     args = parse(line)
-    assert args.resume == str(tmp_path / "run" / "step-000010") and "elsewhere" not in line
+    assert args.resume == str(checkpoint) and "elsewhere" not in line
     assert args.overrides == ["--optim.lr=1e-3", "--train.max_steps=20"] and args.data == str(tmp_path / "d")
+    advice = stop_advice(checkpoint, rundir.resume_command, config.optim)
+    command = advice.split("with a lower one: ")[1].split(" --train.reschedule=true")[0] + " --train.reschedule=true"
+    args = parse(command)
+    assert args.resume == str(checkpoint) and args.overrides[-2:] == ["--optim.lr=0.0005", "--train.reschedule=true"]
 
 
 def test_every_prepare_flag_is_an_option_of_the_parser():

@@ -391,3 +391,29 @@ def test_several_compared_runs_and_a_report_written_elsewhere(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     assert main(["report", str(tmp_path / "a"), "--out", str(tmp_path / "file")]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+def test_downstream_suite_and_bits_per_byte_are_drawn_and_tabled_with_their_reference(tmp_path):
+    run = tmp_path / "suite-run"
+    rows = synthetic_run(run)
+    for row in rows:
+        if row.get("val_loss") not in (None, ""):
+            row["val_bpb"] = row["val_loss"] / 3.0
+            row["core"] = 0.01 * row["step"] / 100
+    write_metrics(run, rows)
+    panels, _, notes = figure(run)
+    core = panels["downstream suite (CORE-style mean)"]
+    assert {"GPT-2 1.5B, DCLM CORE (another suite): 0.2565", "chance: 0"} <= set(labels(core))
+    assert list(line(core, "suite-run").get_ydata()) == [0.0, 0.01, 0.02, 0.03, 0.04]
+    assert any("not the same score" in note for note in notes)
+    text = write_report(run)[1].read_text()
+    assert f"| final val bits per byte | {(3.6 + 100 / 400) / 3:.4f} (step 400) |" in text
+    assert "| final downstream CORE-style mean | 0.0400 (step 400) |" in text
+    assert "| CORE | 0.2565 |" in text and "| suite-run |" in text.split("| CORE | 0.2565 |")[1].splitlines()[0]
+
+
+def test_a_run_without_the_suite_gets_no_downstream_panel(tmp_path):
+    run = tmp_path / "plain"
+    write_metrics(run, synthetic_run(run))
+    panels, _, _ = figure(run)
+    assert "downstream suite (CORE-style mean)" not in panels

@@ -94,7 +94,7 @@ def test_a_gpu_out_of_memory_is_one_line_naming_the_flag_and_a_value(data_dir, t
     monkeypatch.setattr(GPT, "forward", forward)
     err = run_main(["train", *tiny_overrides(data_dir, tmp_path, **{**QUICK, "eval.val_every": 0})], monkeypatch,
                    capsys)
-    assert "ran out of memory at step 1 with train.micro_batch_size=4; use --train.micro_batch_size=2" in err
+    assert "CUDA out of memory at micro-batch 4 (step 1): try --train.micro_batch_size=2" in err
 
 
 def test_the_eta_counts_the_evaluations_and_checkpoints_still_due():

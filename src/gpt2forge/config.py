@@ -67,7 +67,10 @@ class OptimSection:
     cooldown_fraction: float = 0.2
     """wsd: fraction of train.max_steps spent in the final linear decay."""
     weight_decay: float = 0.1
-    """Decoupled weight decay of ≥2-D parameters (matrices, embeddings, head), never of gains and biases."""
+    """Decoupled weight decay of ≥2-D parameters (matrices, embeddings, head); gains and biases: scalar_weight_decay."""
+    scalar_weight_decay: float = 0.0
+    """AdamW's weight decay of gains and biases (1-D parameters): 0 in GPT-2's recipe; track 3 decays them like its
+    other AdamW groups (0.001)."""
     matrix_weight_decay: float | None = None
     """Weight decay of the hidden matrices (Muon's when optimizer = muon); default: optim.weight_decay."""
     beta1: float = 0.9
@@ -90,8 +93,15 @@ class OptimSection:
     """Steps of Muon's momentum warmup (0 = muon_momentum from the start)."""
     muon_nesterov: bool = True
     """Nesterov momentum in Muon."""
-    muon_ns_steps: int = 5
-    """Newton–Schulz iterations per Muon step."""
+    muon_ns: str = "jordan5"
+    """Muon's Newton–Schulz iteration (optim/muon.py): jordan5 ((3.4445, −4.775, 2.0315) × 5: the Muon repository,
+    track 1 until Polar Express), track3 ((2, −1.5, 0.5) × 12: track 3's train_gpt_simple.py, close to the exact
+    polar factor) or polar_express (5 per-iteration triples: modded-nanogpt's current train_gpt.py)."""
+    muon_ns_steps: int | None = None
+    """Newton–Schulz iterations per Muon step; default: the variant's own (5, 12, 5; polar_express has no more)."""
+    muon_ns_eps: float | None = None
+    """The guard in Newton–Schulz's start M/(‖M‖_F + eps); default: the variant's (1e-7; polar_express 1e-6). Track
+    3's 1e-7 is for its summed loss: on our mean loss its recipe divides it by the tokens per step, as Adam's eps."""
 
     def role_lr(self, role: str) -> float:
         """Peak LR of a parameter role (matrix, embedding, head, scalar)."""
@@ -424,6 +434,7 @@ def _pair_overrides(items: list[str]) -> list[str]:
 CHOICES = {
     "optim.optimizer": ("adamw", "muon"),
     "optim.schedule": ("cosine", "wsd"),
+    "optim.muon_ns": ("jordan5", "track3", "polar_express"),  # optim/muon.py's NS_VARIANTS (a test keeps them equal)
     "train.precision": ("auto", "bf16", "fp32"),
     "train.distributed": ("ddp", "fsdp"),
     "checkpoint.format": ("auto", "full", "sharded"),
@@ -457,11 +468,12 @@ def validate(config: Config) -> None:
     positive = ["train.max_steps", "train.total_batch_tokens", "train.micro_batch_size", "train.seq_len", "optim.lr",
                 "optim.eps", "checkpoint.keep_last", "log.every", "train.max_bad_steps", "optim.muon_ns_steps",
                 "optim.matrix_lr", "optim.embedding_lr", "optim.head_lr", "optim.scalar_lr", "optim.decay_steps",
-                "train.spike_window"]
+                "train.spike_window", "optim.muon_ns_eps"]
     for key in positive:
         if values[key] is not None and values[key] <= 0:
             raise UserError(f"{key} must be positive, got {values[key]}")
     non_negative = ["optim.min_lr", "optim.warmup_steps", "optim.weight_decay", "optim.matrix_weight_decay",
+                    "optim.scalar_weight_decay",
                     "optim.grad_clip", "optim.muon_momentum_warmup_steps", "eval.val_every", "eval.val_tokens",
                     "eval.hellaswag_every", "eval.hellaswag_limit", "eval.tasks_every", "eval.tasks_limit",
                     "eval.sample_every", "eval.sample_tokens", "eval.num_samples", "checkpoint.every",
@@ -476,6 +488,9 @@ def validate(config: Config) -> None:
             raise UserError(f"{key} must be in [0, 1), got {value}")
     if not 0 < o.cooldown_fraction <= 1:
         raise UserError(f"optim.cooldown_fraction must be in (0, 1], got {o.cooldown_fraction}")
+    if o.muon_ns == "polar_express" and (o.muon_ns_steps or 5) > 5:
+        raise UserError(f"optim.muon_ns_steps ({o.muon_ns_steps}) must be at most 5 with optim.muon_ns=polar_express: "
+                        "it has 5 per-iteration coefficient triples")
     if o.min_lr > o.lr:
         raise UserError(f"optim.min_lr ({o.min_lr}) is larger than optim.lr ({o.lr})")
     if t.seq_len > m.block_size:

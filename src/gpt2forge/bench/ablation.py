@@ -15,6 +15,7 @@ import torch
 
 from ..device import peak_flops
 from ..models import Runtime, build_model, make_config
+from ..train.metrics import llmc_flops_per_token, mfu
 from .measure import (
     VOCAB,
     StepMemory,
@@ -91,6 +92,7 @@ class Contender:
         self.forward = torch.compile(self.model) if settings["compile"] else self.model
         self.settings, self.device, self.batch = settings, device, batch
         self.flops_per_token = self.model.flops_per_token(batch[0].size(1))
+        self.llmc_flops_per_token = llmc_flops_per_token(self.model, batch[0].size(1))
 
     def step(self) -> None:
         with tf32_mode(self.device, self.settings["tf32"]):
@@ -126,6 +128,7 @@ def run_ablation(opts: BenchOptions, device: torch.device) -> dict:
             step_peak = memory.measure(contender.step)
             row["step_peak_mib"] = None if step_peak is None else step_peak / 2**20
             row["flops_per_token"] = contender.flops_per_token
+            row["llmc_flops_per_token"] = contender.llmc_flops_per_token
             live.append((row, contender))
         except Exception as error:
             row["reason"] = failure(error)
@@ -173,7 +176,8 @@ def summarise_ablation(opts, device, rows, samples, memory_reason, profile) -> d
         row.update(ms_per_step=ms, ms_min=timing["min"], ms_max=timing["max"], quiet_rounds=timing["quiet"],
                    ms_samples=timing["samples"], other_cores=timing["other_cores"], tokens_per_s=tokens / (ms / 1000))
         row["tflops"] = row["flops_per_token"] * row["tokens_per_s"] / 1e12
-        row["mfu"] = row["tflops"] * 1e12 / peak if peak else None
+        row["mfu"] = mfu(row["tokens_per_s"], row["flops_per_token"], peak)
+        row["mfu_llmc"] = mfu(row["tokens_per_s"], row["llmc_flops_per_token"], peak)
         row["peak_mib"] = None if row["step_peak_mib"] is None else row["state_mib"] + row["step_peak_mib"]
         row["speedup"] = base["ms_per_step"] / ms  # the base row comes first, so it is summarised already
         row["compile_s"] = row["first_step_s"] - ms / 1000 if row["settings"]["compile"] else None

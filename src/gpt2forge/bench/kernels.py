@@ -108,6 +108,7 @@ def kernel_summary(prof, device: torch.device, steps: int, top: int = 15) -> dic
         "what": ("CUDA kernels" if cuda else "CPU aten ops") + f", self time per step over {steps} profiled steps",
         "total_ms": total, "kernels_per_step": sum(r["calls"] for r in rows), "shares": shares,
         "attention_backend": backend_in_profile(prof), "top": [{**r, "name": r["name"][:120]} for r in rows[:top]],
+        "loss_kernels": [{**r, "name": r["name"][:120]} for r in rows if r["category"] == "loss"][:top],
         "categories": "by kernel name (heuristic): " + "; ".join(f"{c}: /{p}/" for c, p in CATEGORIES),
     }
 
@@ -119,6 +120,13 @@ def kernels_markdown(summary: dict, title: str) -> list[str]:
              f"step; {shares}{attention}", "",
              "| kernel | category | calls/step | ms/step | share |", "|---|---|---:|---:|---:|"]
     for r in summary["top"]:
-        name = r["name"].replace("|", "\\|")
-        lines.append(f"| `{name}` | {r['category']} | {r['calls']} | {r['ms']:.2f} | {100 * r['share']:.1f}% |")
+        lines.append(_kernel_row(r))
+    extra = [r for r in summary.get("loss_kernels", []) if r not in summary["top"]]
+    if extra:
+        lines += ["", "The loss's other kernels (by name):", "", *lines[2:4], *map(_kernel_row, extra)]
     return lines
+
+
+def _kernel_row(r: dict) -> str:
+    name = r["name"].replace("|", "\\|")
+    return f"| `{name}` | {r['category']} | {r['calls']} | {r['ms']:.2f} | {100 * r['share']:.1f}% |"

@@ -136,7 +136,8 @@ def _no_documents(source: Source, settings: Settings, out: Path, created: bool) 
     if created:
         with contextlib.suppress(OSError):
             out.rmdir()  # only if empty
-    kept = f", or none has {settings.score_column} ≥ {settings.min_score:g} (--min-score)" if settings.min_score is not None else ""
+    kept = ("" if settings.min_score is None
+            else f", or none has {settings.score_column} ≥ {settings.min_score:g} (--min-score)")
     return UserError(f"{source.label} holds no documents: it has no rows, or every {settings.text_column!r} value is "
                      f"empty or null{kept}. Nothing was written to {out}; check the input (and --text-column)")
 

@@ -82,6 +82,7 @@ def config_from_dict(stored: dict) -> ModelConfig:
     attention kernel, a runtime choice now (dropped)."""
     fields = {k: v for k, v in stored.items() if k not in ("arch", "attention")}
     spec = architecture(stored.get("arch", "gpt2"))
+    fields = {**getattr(spec.config_class, "stored_defaults", {}), **fields}  # fields older files lack
     unknown = sorted(set(fields) - set(spec.config_class.field_names()))
     if unknown:
         raise ValueError(f"unknown model config keys {unknown} for arch {spec.name}")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import DecoderLM, KVCache, ModelConfig, RMSNorm, Rotary, Runtime, apply_rotary, causal_attention
-from .loss import chunked_cross_entropy, cross_entropy, softcap
+from .loss import SOFTCAP_FORMS, chunked_cross_entropy, cross_entropy, softcap
 
 MLP_KINDS = ("relu2", "gelu")
 
@@ -33,6 +33,8 @@ class ModernConfig(ModelConfig):
     field per architectural choice, each defaulting to track 3's value."""
 
     arch: ClassVar[str] = "modern"
+    stored_defaults: ClassVar[dict] = {"logit_softcap_form": "tanh"}
+    """What a stored config that lacks a field meant (``models.config_from_dict``): it predates the field."""
 
     n_head: int = 6
     """Attention heads per block (track 3: 768 wide, heads of 128)."""
@@ -55,8 +57,10 @@ class ModernConfig(ModelConfig):
     """Zero-initialise the attention and MLP out-projections and an untied head, so every block starts as the
     identity and the first logits are uniform (track 3). Off: they get the other matrices' init."""
     logit_softcap: float = 15.0
-    """Soft-cap the logits to (-cap, cap) as cap·tanh(logits/cap); 0 = off. Track 3 caps at 15 with the algebraic
-    form 15·x/sqrt(x² + 15²), which saturates more slowly; the earlier records (tanh, 30 then 15) used tanh."""
+    """Soft-cap the logits to (-cap, cap), in the form below; 0 = off (track 3: 15)."""
+    logit_softcap_form: str = "algebraic"
+    """algebraic: cap·x/sqrt(x² + cap²) (track 3), which saturates more slowly than tanh: cap·tanh(x/cap) (the
+    track-1 records from #9 on, at 30 then 15). Weights files written before this field existed used tanh."""
     bias: bool = True
     """Biases on every linear layer, the head included (track 3 has them; modern LLMs usually drop them)."""
     attn_scale: float = 0.12
@@ -68,6 +72,9 @@ class ModernConfig(ModelConfig):
         for f in ("qk_norm", "embed_norm", "tie_embeddings", "zero_init", "bias"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"model.{f} must be true or false, got {getattr(self, f)!r}")
+        if self.logit_softcap_form not in SOFTCAP_FORMS:
+            raise ValueError(f"model.logit_softcap_form must be one of {', '.join(SOFTCAP_FORMS)}, "
+                             f"got {self.logit_softcap_form!r}")
         if self.mlp not in MLP_KINDS:
             raise ValueError(f"model.mlp must be one of {', '.join(MLP_KINDS)}, got {self.mlp!r}")
         if not (isinstance(self.rope_base, (int, float)) and math.isfinite(self.rope_base) and self.rope_base > 0):
@@ -225,7 +232,7 @@ class ModernGPT(DecoderLM):
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V_padded)
         c = self.config
         if targets is not None and self.loss == "chunked":
-            return None, chunked_cross_entropy(logits, targets, c.vocab_size, c.logit_softcap)
-        logits = softcap(logits[..., : c.vocab_size], c.logit_softcap)  # (B, T, V)
+            return None, chunked_cross_entropy(logits, targets, c.vocab_size, c.logit_softcap, c.logit_softcap_form)
+        logits = softcap(logits[..., : c.vocab_size], c.logit_softcap, c.logit_softcap_form)  # (B, T, V)
         loss = cross_entropy(logits, targets) if targets is not None else None
         return logits, loss

@@ -2,9 +2,10 @@
 
 Every parameter gets a role from the model (``models.parameter_roles``: matrix, embedding, head, scalar). The
 recipe says which optimizer takes the hidden matrices (AdamW, or Muon) — everything else is AdamW — and each
-role's peak LR and weight decay. Parameters whose (optimizer, LR scale, weight decay) agree share a param
-group, in the model's parameter order, so GPT-2's recipe gets exactly its two AdamW groups (decay on ≥ 2-D
-weights, none on gains and biases) and its losses stay bit-identical.
+role's peak LR and weight decay (gains and biases: ``scalar_weight_decay``, 0 unless a recipe such as track 3
+decays them). Parameters whose (optimizer, LR scale, weight decay) agree share a param group, in the model's
+parameter order, so GPT-2's recipe gets exactly its two AdamW groups (decay on ≥ 2-D weights, none on gains and
+biases) and its losses stay bit-identical.
 
 ``Optimizers`` is what the loop and the checkpoint see: ``set_step(step)`` writes every group's LR (and Muon's
 momentum) from the schedules, ``step()``/``zero_grad()`` go to every optimizer, and the state is one entry per
@@ -38,7 +39,7 @@ class GroupSpec:
 def group_settings(role: str, optim: OptimSection) -> tuple[str, float, float]:
     """(optimizer, LR scale, weight decay) of a parameter role under ``optim``."""
     optimizer = optim.optimizer if role == "matrix" else "adamw"
-    weight_decay = 0.0 if role == "scalar" else optim.weight_decay
+    weight_decay = optim.scalar_weight_decay if role == "scalar" else optim.weight_decay
     if role == "matrix" and optim.matrix_weight_decay is not None:
         weight_decay = optim.matrix_weight_decay
     return optimizer, optim.role_lr(role) / optim.lr, weight_decay
@@ -113,4 +114,5 @@ def make_muon(param_groups: list[dict], optim: OptimSection) -> torch.optim.Opti
     from .muon import Muon
 
     return Muon(param_groups, lr=optim.role_lr("matrix"), momentum=optim.muon_momentum,
-                nesterov=optim.muon_nesterov, ns_steps=optim.muon_ns_steps)
+                nesterov=optim.muon_nesterov, ns=optim.muon_ns, ns_steps=optim.muon_ns_steps,
+                ns_eps=optim.muon_ns_eps)

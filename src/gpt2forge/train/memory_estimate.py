@@ -295,10 +295,10 @@ def explain_out_of_memory(config: Config, world_size: int, bf16: bool, device: t
     printed by every rank (a rank's own trouble, not only the main rank's). ``step()``: the step that failed."""
     try:
         yield
-    except torch.OutOfMemoryError:
+    except torch.OutOfMemoryError as cause:
         error = UserError(out_of_memory_message(config, world_size, bf16, device, step()))
         error.every_rank = True
-        raise error from None
+        raise error from cause
 
 
 def config_comments(config: Config) -> str:

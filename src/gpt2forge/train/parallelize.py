@@ -58,6 +58,7 @@ class Parallel:
         # switch forward_sync_buffers); gradients live in the all-reduce buckets (no second copy of them); the
         # device is the process's own GPU (CPUs: none)
         newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        log.info("DDP over %d rank(s) (%s)", self.world_size, torch.distributed.get_backend())
         return DistributedDataParallel(
             model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
             gradient_as_bucket_view=True, **{"forward_sync_buffers" if newer else "broadcast_buffers": False},

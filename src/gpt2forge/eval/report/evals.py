@@ -1,4 +1,5 @@
-"""The evaluation panels: HellaSwag accuracy per evaluation, against the published references and chance."""
+"""The evaluation panels: HellaSwag accuracy and the downstream suite's CORE-style score per evaluation, against
+the published references and chance."""
 
 from __future__ import annotations
 
@@ -40,4 +41,27 @@ def _plot_hellaswag(ax, runs: list[Run], x: str) -> list[str]:
         ax.set_title("HellaSwag acc_norm")
     ax.set_ylabel("accuracy (length-normalized)")
     _legend(ax, "upper left", ncol=2)
+    return notes
+
+
+def _plot_core(ax, runs: list[Run], x: str) -> list[str]:
+    """The downstream suite's CORE-style score (mean centered accuracy: 0 = chance, 1 = perfect) per evaluation."""
+    notes = []
+    for run, style in zip(runs, RUN_STYLES):
+        ok = np.isfinite(run["core"])
+        if not ok.any():
+            notes.append(f"{run.name}: no downstream-suite results in metrics.csv")
+            continue
+        _points(ax, run[x][ok], run["core"][ok], run.name, style["train"], style["linestyle"])
+    refs = [r for r in REFERENCES if r.metric == "core" and r.plot]
+    for ref, style in zip(refs, REFERENCE_STYLES):
+        _hline(ax, ref.value, f"{ref.plot}: {ref.value:g}", style)
+    _hline(ax, 0.0, "chance: 0", {"color": "#aaaaaa", "linestyle": ":"})
+    low, high = ax.dataLim.intervaly
+    ax.set_ylim(low - 0.05 * (high - low), high + 0.3 * (high - low))
+    ax.set_title("downstream suite (CORE-style mean)")
+    ax.set_ylabel("mean centered accuracy")
+    _legend(ax, "upper left")
+    notes.append("the downstream panel averages our zero-shot tasks (eval.tasks); DCLM's CORE, the reference line, "
+                 "averages 22 few-shot tasks: the same scale, not the same score")
     return notes

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import UserError
-from .evals import _plot_hellaswag
+from .evals import _plot_core, _plot_hellaswag
 from .loss import _plot_loss
 from .runs import Run, human
 from .style import DPI, FONTS, PANEL_SIZE, X_LABELS
@@ -24,6 +24,7 @@ def panels(runs: list[Run]) -> list[str]:
 
     chosen = ["loss"]
     chosen += ["hellaswag"] if logged("hellaswag_acc_norm") else []
+    chosen += ["core"] if logged("core") else []
     chosen += ["lr"] if logged("lr") else []
     chosen += ["grad_norm"] if logged("grad_norm") else []
     chosen += ["throughput"] if logged("tokens_per_s") else []
@@ -80,6 +81,8 @@ def build_figure(runs: list[Run], x: str | None = None):
                 notes += _plot_loss(ax, runs, x)
             elif name == "hellaswag":
                 notes += _plot_hellaswag(ax, runs, x)
+            elif name == "core":
+                notes += _plot_core(ax, runs, x)
             elif name == "lr":
                 _plot_lr(ax, runs, x)
             elif name == "grad_norm":

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from ...runs import format_duration
-from .references import FAMILY_NAMES, REFERENCES, applies
+from .references import FAMILY_NAMES, METRIC_NAMES, REFERENCES, applies
 from .runs import Run, human, summary
 
 
@@ -50,8 +50,10 @@ def render_markdown(runs: list[Run], png_name: str, notes: list[str]) -> str:
         ("final train loss", "final_loss", four),
         ("final val loss", "final_val_loss", four),
         ("best val loss", "best_val_loss", four),
+        ("final val bits per byte", "final_val_bpb", four),
         ("final HellaSwag acc_norm", "final_hellaswag", four),
         ("best HellaSwag acc_norm", "best_hellaswag", four),
+        ("final downstream CORE-style mean", "final_core", four),
         ("mean tokens/s (first step excluded)", "tokens_per_s", human),
         ("mean MFU (first step excluded)", "mfu", lambda v: f"{100 * v:.1f}%"),
         ("skipped steps (non-finite loss or grad norm)", "skipped_steps", str),
@@ -93,7 +95,7 @@ def render_markdown(runs: list[Run], png_name: str, notes: list[str]) -> str:
     ]
     for ref in REFERENCES:
         value = f"~{ref.value:g} (approx.)" if ref.approx else f"{ref.value:g}"
-        metric = "val loss" if ref.metric == "val_loss" else "HellaSwag"
+        metric = METRIC_NAMES[ref.metric]
         which = [r.name for r in runs if applies(ref, r)]
         lines.append(f"| {metric} | {value} | {ref.what} | {ref.source} | {', '.join(which) or 'not these runs'} |")
     for run in runs:

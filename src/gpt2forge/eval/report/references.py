@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Reference:
-    metric: str  # "val_loss" or "hellaswag" (acc_norm)
+    metric: str  # "val_loss", "hellaswag" (acc_norm) or "core" (a centered mean over downstream tasks)
     value: float
     what: str
     source: str
@@ -37,7 +37,11 @@ REFERENCES = (
               "build-nanogpt `hellaswag.py` docstring"),
     Reference("hellaswag", 0.30, "build-nanogpt run, 10B tokens, HellaSwag acc_norm", "build-nanogpt video",
               approx=True),
+    Reference("core", 0.2565, "OpenAI GPT-2 XL 1558M, DCLM CORE (22 few-shot tasks; our CORE-style score averages "
+              "12 zero-shot tasks: the same scale, not the same score)", "nanochat leaderboard",
+              plot="GPT-2 1.5B, DCLM CORE (another suite)"),
 )
+METRIC_NAMES = {"val_loss": "val loss", "hellaswag": "HellaSwag", "core": "CORE"}
 CHANCE = 0.25  # HellaSwag has four endings
 HELLASWAG_ROWS = 10042
 FAMILY_NAMES = {"fineweb-edu": "FineWeb-Edu", "fineweb": "FineWeb"}
@@ -45,7 +49,9 @@ FAMILY_NAMES = {"fineweb-edu": "FineWeb-Edu", "fineweb": "FineWeb"}
 
 def applies(ref: Reference, run: Run) -> bool:
     """Whether a published number compares with this run: same data for val losses, any run that logged HellaSwag
-    for HellaSwag."""
+    (the downstream suite) for HellaSwag (CORE)."""
     if ref.metric == "hellaswag":
         return run.has("hellaswag_acc_norm")
+    if ref.metric == "core":
+        return run.has("core")
     return ref.data is not None and run.data is not None and run.data.family == ref.data
