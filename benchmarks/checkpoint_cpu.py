@@ -19,7 +19,8 @@ Two questions (issue 21):
     python benchmarks/checkpoint_cpu.py                          # the 350M preset (gpt2-medium), base d85d114
     python benchmarks/checkpoint_cpu.py --preset gpt2 --base d85d114
 
-Results: ``benchmarks/results/checkpoint-cpu.{json,md}`` (with the machine, its load and free memory).
+Results: ``benchmarks/results/checkpoint-cpu.{json,md}`` (another preset: ``checkpoint-cpu-<preset>.*``), with the
+machine, its load and free memory.
 """
 
 from __future__ import annotations
@@ -179,8 +180,9 @@ def main() -> None:
                   "checkpoint_bytes": sizes, "made": made, "resume_peak_rss": memory, "save_timing": timing,
                   "command": " ".join([Path(sys.executable).name, *sys.argv])}
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "checkpoint-cpu.json").write_text(json.dumps(record, indent=2) + "\n")
-        (RESULTS / "checkpoint-cpu.md").write_text(markdown(record))
+        name = "checkpoint-cpu" + ("" if args.preset == "gpt2-medium" else f"-{args.preset}")
+        (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+        (RESULTS / f"{name}.md").write_text(markdown(record))
         print(markdown(record))
     finally:
         if not args.keep:

@@ -498,10 +498,6 @@ def validate(config: Config) -> None:
                         f"(model.block_size = {m.block_size})")
     if not DEVICE.match(t.device):
         raise UserError(f"train.device must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}")
-    if o.optimizer == "muon" and t.distributed == "fsdp":
-        raise UserError("optim.optimizer=muon cannot run with train.distributed=fsdp: Muon orthogonalises whole "
-                        "matrices, which FSDP shards across ranks; use train.distributed=ddp "
-                        "(or optim.optimizer=adamw)")
     if not 2 <= t.spike_min_history <= t.spike_window:
         raise UserError(f"train.spike_min_history must be between 2 and train.spike_window ({t.spike_window}), "
                         f"got {t.spike_min_history}")
