@@ -3,13 +3,17 @@ the matrices round-robin across ranks and applies each rank's own rows of the re
 weights and momentum buffers after several steps equal the single-process optimizer's bit for bit, uneven row
 splits (and a rank with no rows of a matrix) included."""
 
+import shutil
 import socket
 
+import pytest
 import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
+from test_train import config, metric_losses, tiny_overrides, torchrun
 
 from gpt2forge.optim.muon import Muon
+from gpt2forge.train.trainer import train
 
 # several buckets (shapes), tall and wide, rows that do not split evenly, a matrix with fewer rows than ranks
 SHAPES = [(64, 32), (64, 32), (64, 32), (32, 64), (32, 64), (48, 48), (7, 5), (1, 8)]
@@ -77,3 +81,27 @@ def test_muon_under_fsdp2_equals_the_single_process_optimizer_bit_for_bit(tmp_pa
         for i, shape in enumerate(SHAPES):
             assert torch.equal(weights[i], expected_weights[i]), (world, shape)
             assert torch.equal(buffers[i], expected_buffers[i]), (world, shape)
+
+
+MODERN_MUON = {"model.arch": "modern", "optim.optimizer": "muon", "optim.matrix_lr": 0.02,
+               "optim.muon_momentum_warmup_steps": 4, "eval.val_every": 0, "train.distributed": "fsdp"}
+
+
+def test_the_modern_recipe_under_fsdp2_matches_one_process_and_resumes_exactly_and_elastically(data_dir, tmp_path):
+    """2-process FSDP2 with Muon: the losses of one process (2 accumulation steps) to fp32 rounding; resumed from
+    its sharded checkpoint on 2 processes bit for bit, and on 4 with the uninterrupted losses."""
+    single = train(config(data_dir, tmp_path / "single", **MODERN_MUON)).losses
+    torchrun(["train", *tiny_overrides(data_dir, tmp_path / "whole", **MODERN_MUON)])
+    whole = metric_losses(tmp_path / "whole" / "run")
+    assert whole.keys() == single.keys()
+    for step, loss in single.items():
+        assert whole[step] == pytest.approx(loss, rel=1e-5)
+    torchrun(["train", *tiny_overrides(data_dir, tmp_path / "half", **{**MODERN_MUON, "train.max_steps": 4})])
+    shutil.copytree(tmp_path / "half", tmp_path / "elastic")
+    torchrun(["train", "--resume", *tiny_overrides(data_dir, tmp_path / "half", **MODERN_MUON)])
+    assert metric_losses(tmp_path / "half" / "run") == whole
+    torchrun(["train", "--resume", *tiny_overrides(data_dir, tmp_path / "elastic",
+                                                   **{**MODERN_MUON, "train.micro_batch_size": 2})], nproc=4)
+    elastic = metric_losses(tmp_path / "elastic" / "run")
+    for step, loss in whole.items():
+        assert elastic[step] == pytest.approx(loss, rel=1e-4)
