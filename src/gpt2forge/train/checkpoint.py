@@ -370,7 +370,8 @@ class Checkpoints:
         if fmt == "sharded" and dist.group_exists():
             # the background writes' own (CPU) collectives, apart from the training loop's
             self.group = torch.distributed.new_group(backend="gloo")
-        self.publisher = ThreadPoolExecutor(1, thread_name_prefix="gpt2forge-checkpoint") if dist.is_main() else None
+        self.publisher = (ThreadPoolExecutor(1, thread_name_prefix="gpt2forge-checkpoint")  # seals and publishes
+                          if fmt == "sharded" and dist.is_main() else None)
 
     def save(self, step: int, extra_files: dict[str, str]) -> None:
         """Save the state at ``step`` (with ``extra_files``, name → text): at once (full), or started in the
