@@ -210,6 +210,11 @@ class CheckpointSection:
     """Save a checkpoint every N steps (0 = only at the end and on SIGTERM/SIGINT)."""
     keep_last: int = 3
     """Keep the newest K checkpoints; older ones are deleted once a newer one is complete."""
+    format: str = "auto"
+    """full (the whole model and optimizer state gathered to rank 0 and written there, synchronously:
+    model.safetensors + optimizer.pt), sharded (every rank writes its own shards with torch.distributed.checkpoint,
+    in the background while training goes on; resumable on any number of ranks; eval/sample/export read it too), or
+    auto: sharded with train.distributed = fsdp on several ranks, full otherwise. Any run resumes from either."""
 
 
 @dataclass
@@ -432,6 +437,7 @@ CHOICES = {
     "optim.muon_ns": ("jordan5", "track3", "polar_express"),  # optim/muon.py's NS_VARIANTS (a test keeps them equal)
     "train.precision": ("auto", "bf16", "fp32"),
     "train.distributed": ("ddp", "fsdp"),
+    "checkpoint.format": ("auto", "full", "sharded"),
     "train.attention": ATTENTION_KINDS,
     "train.loss": LOSS_KINDS,
 }
@@ -492,10 +498,6 @@ def validate(config: Config) -> None:
                         f"(model.block_size = {m.block_size})")
     if not DEVICE.match(t.device):
         raise UserError(f"train.device must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}")
-    if o.optimizer == "muon" and t.distributed == "fsdp":
-        raise UserError("optim.optimizer=muon cannot run with train.distributed=fsdp: Muon orthogonalises whole "
-                        "matrices, which FSDP shards across ranks; use train.distributed=ddp "
-                        "(or optim.optimizer=adamw)")
     if not 2 <= t.spike_min_history <= t.spike_window:
         raise UserError(f"train.spike_min_history must be between 2 and train.spike_window ({t.spike_window}), "
                         f"got {t.spike_min_history}")
@@ -564,7 +566,7 @@ SECTION_SUMMARIES = {
     "optim": "optimizer, learning rates and their schedule",
     "train": "steps, batch, device, precision and the speed switches",
     "eval": "what the training loop evaluates, and how often: validation loss, HellaSwag, samples",
-    "checkpoint": "how often to save, how many to keep",
+    "checkpoint": "how often to save, how many to keep, in which format",
     "log": "where the run directory goes, and the experiment trackers that mirror metrics.csv",
 }
 

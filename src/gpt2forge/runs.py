@@ -112,9 +112,10 @@ def file_digest(path: Path, chunk: int = 1 << 24) -> str:
 
 
 def write_manifest(checkpoint: Path) -> None:
-    """Record every file of a checkpoint directory with its size and sha256 (the last file a save writes)."""
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": file_digest(p)}
-             for p in sorted(checkpoint.iterdir()) if p.is_file() and p.name != MANIFEST}
+    """Record every file of a checkpoint directory, its subdirectories included (a sharded checkpoint's shards:
+    ``sharded/__0_0.distcp``, ...), with its size and sha256 (the last file a save writes)."""
+    files = {p.relative_to(checkpoint).as_posix(): {"bytes": p.stat().st_size, "sha256": file_digest(p)}
+             for p in sorted(checkpoint.rglob("*")) if p.is_file() and p != checkpoint / MANIFEST}
     atomic_write_json(checkpoint / MANIFEST, {"files": files})
 
 

@@ -33,6 +33,16 @@ bucket to bucket) and put back together by one ``all_gather`` per bucket, in the
 is deterministic for the same input, and a batched matmul rounds each matrix the same whatever else is in the
 batch, so the result is bit-identical to the single-process optimizer (tests/test_muon.py checks it on 2 CPU processes).
 
+Under FSDP2 the parameters, their gradients and the momentum buffers are DTensors: each rank holds some rows of
+every matrix. The momentum, the decay and the update stay elementwise on each rank's own rows (``to_local``), so
+the buffers stay sharded (checkpoints save and reshard them like AdamW's moments). Newton–Schulz needs the whole
+matrix: each update is gathered whole (``full_tensor``, an all-gather), the buckets are orthogonalised exactly as
+under DDP (each rank its chunk, one all_gather per bucket), and each rank takes its own rows of the result
+(``distribute_tensor`` with ``src_data_rank=None``: a slice, no communication). Every value is computed as the
+single-process optimizer computes it, so the step is bit-identical to it (tests/test_muon_fsdp.py, 2 and 3 CPU
+processes, uneven rows). The price: the hidden matrices' updates exist whole on every rank during the step (a
+transient copy of their size), and an all-gather of them on top of FSDP's own.
+
 The optimizer keeps no schedule: it reads ``lr``, ``momentum`` and ``weight_decay`` from each param group at
 every step (the trainer sets them from the step number), and its state is the momentum buffer alone, so the
 base class's ``state_dict``/``load_state_dict`` give a bit-exact resume.
@@ -49,6 +59,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 @dataclass(frozen=True)
@@ -123,6 +134,28 @@ def _iterate(X: Tensor, coefficients: tuple[tuple[float, float, float], ...], no
         X = X.mT
     # Contiguous whatever the orientation, so the caller's elementwise ops take the same kernel on every path.
     return X.contiguous()
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's part of an FSDP2 (DTensor) tensor, the tensor itself otherwise; in-place ops on it change it."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _whole(p: Tensor, local: Tensor) -> Tensor:
+    """The whole matrix of which ``local`` holds this rank's rows, laid out as ``p`` (an all-gather), for a
+    DTensor parameter; ``local`` itself otherwise."""
+    if not isinstance(p, DTensor):
+        return local
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                              stride=p.stride()).full_tensor()
+
+
+def _own_rows(p: Tensor, whole: Tensor) -> Tensor:
+    """This rank's part of ``whole`` laid out as the DTensor ``p`` (a slice of the copy every rank holds: no
+    communication); ``whole`` itself for a plain tensor."""
+    if not isinstance(p, DTensor):
+        return whole
+    return distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None).to_local()
 
 
 @functools.cache
@@ -205,24 +238,24 @@ class Muon(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]  # under DDP the same on every rank
             if not params:
                 continue
-            grads = [p.grad for p in params]
-            buffers = [self._buffer(p) for p in params]
+            grads = [_local(p.grad) for p in params]  # FSDP2: this rank's rows
+            buffers = [_local(self._buffer(p)) for p in params]
             momentum = group["momentum"]
             torch._foreach_lerp_(buffers, grads, 1 - momentum)
             updates = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
             if group["weight_decay"]:  # the update never reads the weights, so decaying them first is the same
-                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+                torch._foreach_mul_([_local(p) for p in params], 1 - group["lr"] * group["weight_decay"])
             for p, update in zip(params, updates):
                 key = (p.shape, p.dtype, p.device, group["ns"], group["ns_steps"], group["ns_dtype"], group["ns_eps"])
-                buckets.setdefault(key, []).append((p, group, update))
+                buckets.setdefault(key, []).append((p, group, _whole(p, update)))
 
         for ((shape, dtype, *_), members), orthogonal in zip(buckets.items(), self._orthogonalise(buckets)):
             scale = math.sqrt(max(1.0, shape[0] / shape[1]))
             by_group: dict[int, tuple[list[Tensor], list[Tensor], float]] = {}
             for (p, group, _), o in zip(members, orthogonal.to(dtype).unbind(0)):
                 params, updates, lr = by_group.setdefault(id(group), ([], [], group["lr"]))
-                params.append(p)
-                updates.append(o)
+                params.append(_local(p))
+                updates.append(_own_rows(p, o))
             for params, updates, lr in by_group.values():
                 torch._foreach_add_(params, updates, alpha=-lr * scale)
         return loss

@@ -21,6 +21,7 @@ which would also upcast the returned [B, T, V] logits to fp32 — gigabytes for 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -105,9 +106,12 @@ class Trainer:
                 runs.TRAIN_STATE: self.counters,
                 ckpt.GUARD_FILE: self.guard,
             }
+            self.checkpoints = ckpt.Checkpoints(self.run_dir, self.pieces,
+                                                ckpt.resolve_format(config.checkpoint.format, p.fsdp),
+                                                config.checkpoint.keep_last, newest=self.resume_from)
             if self.resume_from is not None:
                 self.counters.legacy_schedule = schedule_in_config(self.resume_from)
-                ckpt.load_checkpoint(self.resume_from, self.pieces, verify=False)  # verified when it was chosen
+                self.checkpoints.load(self.resume_from)  # verified when it was chosen
                 if not self.weights_finite():
                     raise UserError(f"{self.resume_from} holds non-finite weights (a version that did not check them "
                                     "saved it): resume from an earlier checkpoint with --resume PATH")
@@ -123,6 +127,11 @@ class Trainer:
     @property
     def step(self) -> int:
         return self.counters.step
+
+    @property
+    def last_checkpoint(self) -> Path | None:
+        """The newest healthy checkpoint, once written whole (a save in flight does not count yet)."""
+        return self.checkpoints.newest
 
     # ---------------------------------------------------------------- setup
     def setup_model(self) -> None:
@@ -143,7 +152,6 @@ class Trainer:
         self.pending_weights: torch.Tensor | None = None  # the weights' norm after the last update, not yet read
         self.last_step: dict = {}  # the previous step's numbers, for the message when its update broke the weights
         self.last_evals: dict = {}  # the newest evaluation results, saved with a checkpoint of the same step
-        self.last_checkpoint: Path | None = self.resume_from  # the newest healthy checkpoint
         self.save_postponed = False
         e, every = c.eval, c.checkpoint.every
         self.eta = Eta(c.train.max_steps, {"val": (e.val_every, False), "hellaswag": (e.hellaswag_every, False),
@@ -266,8 +274,10 @@ class Trainer:
                     self.save(final=stop_now or self.step == c.train.max_steps)
                 if stop_now:
                     result.stopped_by_signal = True
-                    log.info("stopped at step %d; resume with --resume", self.step)
                     break
+            self.finish_saving()  # a checkpoint still being written in the background
+            if result.stopped_by_signal:
+                log.info("stopped at step %d; resume with --resume", self.step)
         result.step, result.elapsed_s = self.step, self.counters.elapsed_s
         return result
 
@@ -305,6 +315,10 @@ class Trainer:
             raise TrainingStopped(f"{self.guard.bad_steps_what(self.step)}. {self.advice()}")
 
     def advice(self) -> str:
+        try:  # the advice names the newest checkpoint: one still being written first
+            self.checkpoints.finish()
+        except ckpt.CheckpointSaveError as e:
+            log.warning("%s", e)
         return stop_advice(self.last_checkpoint, self.rundir.resume_command, self.config.optim)
 
     def log_evaluation(self) -> float | None:
@@ -375,29 +389,30 @@ class Trainer:
         self.save_checkpoint(checked=True)
         self.eta.add("checkpoint", time.perf_counter() - t0)
 
-    def save_checkpoint(self, checked: bool = False) -> Path | None:
-        """Save the step's checkpoint (all ranks take part; ``checked``: the weights were just found finite). A
-        failed save stops the run on every rank: going on without checkpoints would put days of work at risk."""
+    def save_checkpoint(self, checked: bool = False) -> None:
+        """Save the step's checkpoint (all ranks take part; ``checked``: the weights were just found finite); a
+        sharded one is written in the background (``finish_saving``). A failed save stops the run on every rank:
+        going on without checkpoints would put days of work at risk."""
         if not checked and not self.weights_finite():
             raise TrainingStopped(poisoned_message(self.step, None, self.advice()))
         extra = {runs.RUN_CONFIG: saved_config(self.config)}
         if self.last_evals.get("step") == self.step:
             extra["training_eval.json"] = json.dumps(self.last_evals, indent=2) + "\n"
-        path, failure = None, None
+        with self.saving():
+            self.checkpoints.save(self.step, extra)
+
+    def finish_saving(self) -> None:
+        with self.saving():
+            self.checkpoints.finish()
+
+    @contextlib.contextmanager
+    def saving(self):
         try:
-            path = ckpt.save_checkpoint(self.run_dir, self.step, self.pieces, write=self.parallel.is_main,
-                                        keep_last=self.config.checkpoint.keep_last, extra_files=extra)
+            yield
         except ckpt.CheckpointSaveError as e:
-            failure = str(e)
-        failure = dist.broadcast_object(failure)
-        if failure is not None:
-            raise TrainingStopped(f"{failure}. The run stopped at step {self.step} rather than train on without "
+            raise TrainingStopped(f"{e}. The run stopped at step {self.step} rather than train on without "
                                   f"checkpoints; {self.newest_checkpoint_clause()}. Fix the cause (free space?), then "
-                                  "run the same command with --resume to continue from there")
-        if path is not None:
-            log.info("saved checkpoint %s", path)
-        self.last_checkpoint = self.run_dir / runs.step_dir_name(self.step)
-        return path
+                                  "run the same command with --resume to continue from there") from None
 
     def newest_checkpoint_clause(self) -> str:
         c = self.last_checkpoint
@@ -405,7 +420,14 @@ class Trainer:
             "no checkpoint of this run had been saved yet"
 
     def close(self) -> None:
-        """Close the run's files and release its directory (safe to call more than once)."""
+        """Close the run's files and release its directory (safe to call more than once). A checkpoint still being
+        written is finished first: it was saved from a healthy state."""
+        if getattr(self, "checkpoints", None) is not None:
+            try:
+                self.checkpoints.finish()
+            except ckpt.CheckpointSaveError as e:
+                log.warning("%s", e)
+            self.checkpoints.close()
         if getattr(self, "loader", None) is not None:
             self.loader.close()
         if self.metrics is not None:
