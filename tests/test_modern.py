@@ -471,3 +471,23 @@ def test_training_learns_resumes_exactly_and_samples(data_dir, tmp_path, switche
     prompt = torch.randint(0, VOCAB, (2, 5))
     out = generate(model, prompt, 40, temperature=1.0, generator=torch.Generator().manual_seed(0), stop_token=None)
     assert out.shape == (2, 45) and int(out.max()) < VOCAB
+
+
+def test_every_switch_on_two_processes_train_as_one(data_dir, tmp_path):
+    """2-process DDP with every switch (Muon shares Newton–Schulz among the ranks; NorMuon and the cautious decay
+    run on every rank) and 2-process FSDP with the model's switches (AdamW: Muon refuses FSDP) give the losses of
+    one process with two accumulation steps."""
+    from test_train import metric_losses, torchrun
+
+    from gpt2forge.train.trainer import train
+
+    model_switches = {k: v for k, v in ALL_SWITCHES.items() if k.startswith("model.") or k.endswith("_lr")}
+    for name, switches in (("ddp", ALL_SWITCHES), ("fsdp", {**model_switches, "train.distributed": "fsdp"})):
+        settings = {**switches, "eval.val_every": 0, "checkpoint.every": 0}
+        single = train(train_config(data_dir, tmp_path / f"single-{name}",
+                                    **{k: v for k, v in settings.items() if k != "train.distributed"}))
+        torchrun(["train", *train_overrides(data_dir, tmp_path / name, **settings)])
+        shared = metric_losses(tmp_path / name / "run")
+        assert shared.keys() == single.losses.keys()
+        for step, loss in single.losses.items():
+            assert shared[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), name
