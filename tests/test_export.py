@@ -37,6 +37,7 @@ def load_remote(path):
     {},  # track 3's defaults: untied, half rotary, QK-norm, ReLU², soft cap 15, biases
     {"tie_embeddings": True, "mlp": "gelu", "rope_fraction": 1.0, "qk_norm": False, "embed_norm": False,
      "logit_softcap": 0.0, "bias": False, "attn_scale": 0.0},  # every switch the other way
+    {"logit_softcap_form": "tanh", "residual_scalars": True, "value_embeds": 1},  # and the next tier's on
 ])
 def test_modern_export_loads_in_transformers_with_our_logits_and_greedy_continuation(tmp_path, fields):
     ours = modern_model(**fields)
@@ -101,16 +102,29 @@ def test_gpt2_stays_gpt2lmheadmodel_with_a_card(tmp_path, tiny_model):
 
 def test_a_config_field_the_modeling_file_does_not_know_is_refused(tmp_path):
     @dataclasses.dataclass
-    class WithValueEmbeddings(ModernConfig):
-        value_embeddings: bool = False
+    class WithSkips(ModernConfig):
+        unet_skips: bool = False
 
     model = modern_model()
-    model.config = WithValueEmbeddings(**{f: getattr(model.config, f) for f in ModernConfig.field_names()})
-    with pytest.raises(UserError, match=r"model.value_embeddings, which the Hugging Face modeling file .* does not "
+    model.config = WithSkips(**{f: getattr(model.config, f) for f in ModernConfig.field_names()})
+    with pytest.raises(UserError, match=r"model.unet_skips, which the Hugging Face modeling file .* does not "
                                         r"implement"):
         export_hf(model, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
     assert set(remote_fields()) == set(ModernConfig.field_names()) - {"vocab_multiple"}  # today: all of them
+
+
+def test_an_export_older_than_the_optional_fields_reads_as_what_it_computed():
+    from gpt2forge.hf import config_from_hf, modern_hf_config
+
+    config = modern_hf_config(modern_model().config)
+    for field in ("logit_softcap_form", "residual_scalars", "value_embeds"):
+        del config[field]
+    old = config_from_hf(config, "old export")
+    assert (old.logit_softcap_form, old.residual_scalars, old.value_embeds) == ("tanh", False, 0)
+    del config["n_layer"]
+    with pytest.raises(UserError, match="old export: config.json lacks 'n_layer'"):
+        config_from_hf(config, "old export")
 
 
 def test_lm_evals_hf_backend_on_the_modern_export_equals_our_class_on_the_checkpoint(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """The modern architecture (speedrun track 3): rotary positions, the KV cache, each config switch, sizes, weights
 files, the registry and config, and training through the real trainer."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -71,9 +72,21 @@ def test_without_rotary_a_one_layer_model_cannot_see_order():
 
 
 # ----------------------------------------------------------------------------------------- cache and causality
-@pytest.mark.parametrize("attention", ["sdpa", "manual"])
-def test_kv_cache_matches_full_passes_and_greedy_decoding(attention):
-    model = model_of(small(zero_init=False), Runtime(attention=attention)).double()
+NEXT = {"residual_scalars": True, "value_embeds": 1}  # the next-tier model switches, on
+
+
+def perturbed(model: ModernGPT) -> ModernGPT:
+    """``model`` with its residual scalars and value-embedding gates moved off their neutral init."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("lambdas", "ve_gate.weight")):
+                p.add_(torch.randn_like(p) * 0.5)
+    return model
+
+
+@pytest.mark.parametrize("attention, fields", [("sdpa", {}), ("manual", {}), ("sdpa", NEXT)])
+def test_kv_cache_matches_full_passes_and_greedy_decoding(attention, fields):
+    model = perturbed(model_of(small(zero_init=False, **fields), Runtime(attention=attention))).double()
     idx = torch.randint(0, 500, (2, 20))
     full = model(idx)[0]
     cache = model.new_cache(2)
@@ -86,8 +99,9 @@ def test_kv_cache_matches_full_passes_and_greedy_decoding(attention):
     assert torch.equal(with_cache, without)
 
 
-def test_future_tokens_do_not_change_past_logits():
-    model = model_of(small(zero_init=False))
+@pytest.mark.parametrize("fields", [{}, NEXT])
+def test_future_tokens_do_not_change_past_logits(fields):
+    model = perturbed(model_of(small(zero_init=False, **fields)))
     idx = torch.randint(0, 500, (1, 20))
     changed = idx.clone()
     changed[0, 10:] = (idx[0, 10:] + 1) % 500
@@ -218,7 +232,102 @@ def test_every_switch_off_still_builds_and_learns_something():
     assert all(p.grad is not None and p.grad.any() for p in model.parameters())
 
 
+def test_residual_scalars_start_neutral_and_mix_in_the_embedding():
+    base = model_of(small(zero_init=False))
+    mixed = model_of(small(zero_init=False, residual_scalars=True))
+    assert mixed.load_state_dict(base.state_dict(), strict=False).missing_keys == [
+        "transformer.h.0.lambdas", "transformer.h.1.lambdas"]
+    idx = torch.randint(0, 500, (2, 12))
+    assert torch.equal(mixed(idx)[0], base(idx)[0])  # (1, 0): exactly the model without them
+    with torch.no_grad():
+        mixed.transformer.h[1].lambdas.copy_(torch.tensor([0.5, 2.0]))
+    assert not torch.allclose(mixed(idx)[0], base(idx)[0])
+    # block 1 sees 0.5·x + 2·x0: the same as a block without scalars fed that input
+    x0 = mixed.transformer.ln_emb(mixed.transformer.wte(idx))
+    rope = mixed.rotary(0, 12)
+    x1 = base.transformer.h[0](x0, rope)
+    torch.testing.assert_close(mixed.transformer.h[1](x1, rope, None, x0), base.transformer.h[1](0.5 * x1 + 2 * x0,
+                                                                                                   rope))
+    _, loss = mixed.train()(idx, idx)
+    loss.backward()
+    assert all(b.lambdas.grad.abs().min() > 0 for b in mixed.transformer.h)
+
+
+def test_value_embeddings_serve_the_first_and_last_layers_through_a_gate():
+    config = small(n_layer=6, value_embeds=2)
+    assert [config.value_embed_table(i) for i in range(6)] == [0, 1, None, None, 0, 1]
+    model = model_of(small(zero_init=False, value_embeds=1))
+    assert [hasattr(b.attn, "ve_gate") for b in model.transformer.h] == [True, True]
+    assert not model.transformer.h[0].attn.ve_gate.weight.any()  # gate 2·sigmoid(0) = 1 at init
+    base = model_of(small(zero_init=False))
+    model.load_state_dict(base.state_dict(), strict=False)
+    idx = torch.randint(0, 500, (2, 12))
+    with torch.no_grad():
+        model.transformer.ve[0].weight.zero_()
+    torch.testing.assert_close(model(idx)[0], base(idx)[0], atol=0, rtol=0)  # an empty table adds nothing
+    with torch.no_grad():
+        model.transformer.ve[0].weight.normal_()
+    assert not torch.allclose(model(idx)[0], base(idx)[0])
+    # what it adds: gate · the token's row, per head, to the values of each served layer
+    attn, x = model.transformer.h[0].attn, torch.randn(2, 12, 32)
+    ve = model.transformer.ve[0](idx)
+    with torch.no_grad():
+        attn.ve_gate.weight.normal_()
+    gate = 2 * torch.sigmoid(x[..., :12] @ attn.ve_gate.weight.T)  # (B, T, nh)
+    hook = attn.c_v.register_forward_hook(lambda m, i, out: out + (gate[..., None] * ve.view(2, 12, 2, 16)).view(
+        2, 12, 32))
+    rope = model.rotary(0, 12)
+    expected = attn(x, rope)  # the plain path, with the value embedding added by the hook
+    hook.remove()
+    torch.testing.assert_close(attn(x, rope, None, ve), expected)
+    _, loss = model.train()(idx, idx)
+    loss.backward()
+    assert model.transformer.ve[0].weight.grad[idx.flatten()].abs().sum() > 0
+    assert model.transformer.ve[0].weight.grad[501:].abs().sum() == 0  # only the rows looked up
+    assert all(b.attn.ve_gate.weight.grad.abs().sum() > 0 for b in model.transformer.h)
+
+
+def test_next_tier_parameters_get_their_own_roles_and_lrs():
+    from gpt2forge.config import OptimSection
+    from gpt2forge.models import parameter_roles
+    from gpt2forge.optim import build_optimizers
+
+    model = model_of(small(**NEXT))
+    roles = parameter_roles(model)
+    assert roles["transformer.ve.0.weight"] == "value_embed"
+    assert roles["transformer.h.0.lambdas"] == roles["transformer.h.1.attn.ve_gate.weight"] == "lambda"
+    assert roles["transformer.h.0.attn.c_v.weight"] == "matrix" and roles["transformer.wte.weight"] == "embedding"
+    optim = OptimSection(optimizer="muon", lr=0.01, embedding_lr=0.5, scalar_lr=0.02, lambda_lr=0.04,
+                         weight_decay=0.1, scalar_weight_decay=0.1, warmup_steps=0)
+    opts = build_optimizers(model, optim, "cpu", max_steps=10)
+    opts.set_step(0)
+    by_roles = {spec.roles: (group["lr"], group["weight_decay"])
+                for name, o in opts.items() for group, spec in zip(o.param_groups, opts.specs[name])}
+    assert by_roles[("lambda",)] == (pytest.approx(0.04), 0.0)  # never decayed
+    assert by_roles[("embedding", "value_embed")] == (pytest.approx(0.5), 0.1)  # unset: the embedding's LR
+    opts = build_optimizers(model, dataclasses.replace(optim, value_embed_lr=0.3), "cpu", max_steps=10)
+    opts.set_step(0)
+    assert [g["lr"] for g, spec in zip(opts.optimizers["adamw"].param_groups, opts.specs["adamw"])
+            if spec.roles == ("value_embed",)] == [pytest.approx(0.3)]
+    muon = {id(p) for g in opts.optimizers["muon"].param_groups for p in g["params"]}
+    assert id(model.transformer.h[0].attn.ve_gate.weight) not in muon
+    assert OptimSection(scalar_lr=0.3).role_lr("lambda") == 0.3
+
+
+def test_value_embeddings_count_as_embeddings_not_flops():
+    plain, ve = model_of(small()), model_of(small(value_embeds=1))
+    table = 512 * 32
+    gates = 2 * (2 * 12)  # two layers × (heads × 12 inputs)
+    assert ve.num_params() == plain.num_params() + table + gates
+    assert ve.num_params(non_embedding=True) == plain.num_params(non_embedding=True) + gates
+    from gpt2forge.models import padding_params
+
+    assert padding_params(ve) == padding_params(plain) + 12 * 32  # the table's 12 padded rows
+
+
 @pytest.mark.parametrize("field, value, message", [
+    ("value_embeds", 2, "model.value_embeds must be an integer from 0 to n_layer/2 = 1"),
+    ("value_embeds", -1, "model.value_embeds"), ("residual_scalars", 1, "model.residual_scalars"),
     ("rope_fraction", 0.3, "model.rope_fraction"), ("rope_fraction", 1.5, "model.rope_fraction"),
     ("rope_base", 0.0, "model.rope_base"), ("mlp", "swiglu", "model.mlp"),
     ("logit_softcap", -1.0, "model.logit_softcap"), ("logit_softcap_form", "erf", "model.logit_softcap_form"),
@@ -246,11 +355,11 @@ def test_gpt2_preset_parameter_count_and_flops():
 
 
 # ------------------------------------------------------------------------------------------ weights and export
-@pytest.mark.parametrize("tie", [False, True])
-def test_weights_round_trip(tmp_path, tie):
+@pytest.mark.parametrize("tie, fields", [(False, {}), (True, {}), (False, NEXT)])
+def test_weights_round_trip(tmp_path, tie, fields):
     from gpt2forge.weights import MODEL_FILE, load_model, save_model
 
-    model = model_of(small(tie_embeddings=tie))
+    model = perturbed(model_of(small(tie_embeddings=tie, **fields)))
     with torch.no_grad():
         model.lm_head.weight.normal_()  # not the zeros of zero_init (tied: the embedding too)
     save_model(model, tmp_path)
@@ -302,7 +411,7 @@ def data_dir(tmp_path_factory):
     return directory
 
 
-def train_config(data_dir, out_dir, **extra):
+def train_overrides(data_dir, out_dir, **extra):
     settings = {
         "model.arch": "modern", "model.preset": "tiny", "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32,
         "model.block_size": 32, "model.vocab_size": VOCAB, "model.vocab_multiple": 64,
@@ -313,19 +422,41 @@ def train_config(data_dir, out_dir, **extra):
         "eval.val_every": 4, "eval.val_tokens": 512, "eval.hellaswag_every": 0, "eval.sample_every": 0,
         "checkpoint.every": 4, "checkpoint.keep_last": 2, "log.every": 1, **extra,
     }
-    return load_config(None, [f"--{k}={v}" for k, v in settings.items()])
+    return [f"--{k}={v}" for k, v in settings.items()]
 
 
-def test_training_learns_resumes_exactly_and_samples(data_dir, tmp_path):
+def train_config(data_dir, out_dir, **extra):
+    return load_config(None, train_overrides(data_dir, out_dir, **extra))
+
+
+# every next-tier switch on: the model's residual scalars and value embeddings, Muon's momentum warmup and
+# cooldown, NorMuon and the cautious decay
+ALL_SWITCHES = {"model.residual_scalars": True, "model.value_embeds": 1, "optim.optimizer": "muon",
+                "optim.matrix_lr": 0.02, "optim.matrix_weight_decay": 0.5, "optim.lambda_lr": 0.02,
+                "optim.value_embed_lr": 0.05, "optim.muon_momentum_warmup_steps": 2,
+                "optim.muon_momentum_cooldown_steps": 3, "optim.muon_cautious_wd": True, "optim.muon_normuon": True}
+
+
+@pytest.mark.parametrize("switches", [{}, ALL_SWITCHES], ids=["track3", "all-switches"])
+def test_training_learns_resumes_exactly_and_samples(data_dir, tmp_path, switches):
+    import shutil
+
     from gpt2forge.train.trainer import train
     from gpt2forge.weights import load_model
 
-    full = train(train_config(data_dir, tmp_path / "a"))
+    full = train(train_config(data_dir, tmp_path / "a", **switches))
     assert full.losses[1] == pytest.approx(math.log(VOCAB), abs=1e-4)  # zero-init head: uniform at first
     assert full.losses[8] < full.losses[1] - 0.5  # it learns
-    train(train_config(data_dir, tmp_path / "b", **{"train.max_steps": 4}))
-    resumed = train(train_config(data_dir, tmp_path / "b"), resume="auto")
+    if switches:  # resume from the uninterrupted run's step-4 checkpoint: the momentum cooldown follows
+        shutil.copytree(full.run_dir, tmp_path / "b" / "run")  # train.max_steps, so a 4-step launch would differ
+        shutil.rmtree(tmp_path / "b" / "run" / "step-000008")
+    else:
+        train(train_config(data_dir, tmp_path / "b", **{"train.max_steps": 4}))
+    resumed = train(train_config(data_dir, tmp_path / "b", **switches), resume="auto")
     assert resumed.losses == {s: full.losses[s] for s in range(5, 9)}  # exact float equality
+    if switches:
+        saved = torch.load(tmp_path / "b" / "run" / "step-000004" / "optimizer.pt", weights_only=True)
+        assert all({"momentum_buffer", "second_moment"} <= set(s) for s in saved["muon"]["state"].values())
 
     model = load_model(full.run_dir)
     assert isinstance(model, ModernGPT) and model.lm_head.weight.any()
@@ -335,8 +466,28 @@ def test_training_learns_resumes_exactly_and_samples(data_dir, tmp_path):
     assert not torch.equal(head, load_model(resumed.run_dir).transformer.wte.weight)
     from gpt2forge.commands import main
 
-    assert main(["export", str(full.run_dir), str(tmp_path / "hf")]) == 2  # refused, with a message
-    assert not (tmp_path / "hf").exists()
+    assert main(["export", str(full.run_dir), str(tmp_path / "hf")]) == 0  # the remote code computes it all
+    assert (tmp_path / "hf" / "modeling_gpt2forge.py").exists()
     prompt = torch.randint(0, VOCAB, (2, 5))
     out = generate(model, prompt, 40, temperature=1.0, generator=torch.Generator().manual_seed(0), stop_token=None)
     assert out.shape == (2, 45) and int(out.max()) < VOCAB
+
+
+def test_every_switch_on_two_processes_train_as_one(data_dir, tmp_path):
+    """2-process DDP with every switch (Muon shares Newton–Schulz among the ranks; NorMuon and the cautious decay
+    run on every rank) and 2-process FSDP with the model's switches (AdamW: Muon refuses FSDP) give the losses of
+    one process with two accumulation steps."""
+    from test_train import metric_losses, torchrun
+
+    from gpt2forge.train.trainer import train
+
+    model_switches = {k: v for k, v in ALL_SWITCHES.items() if k.startswith("model.") or k.endswith("_lr")}
+    for name, switches in (("ddp", ALL_SWITCHES), ("fsdp", {**model_switches, "train.distributed": "fsdp"})):
+        settings = {**switches, "eval.val_every": 0, "checkpoint.every": 0}
+        single = train(train_config(data_dir, tmp_path / f"single-{name}",
+                                    **{k: v for k, v in settings.items() if k != "train.distributed"}))
+        torchrun(["train", *train_overrides(data_dir, tmp_path / name, **settings)])
+        shared = metric_losses(tmp_path / name / "run")
+        assert shared.keys() == single.losses.keys()
+        for step, loss in single.losses.items():
+            assert shared[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), name

@@ -146,10 +146,12 @@ def test_newton_schulz_batched_bf16_and_zero_input():
 
 # 2. A naive reference
 
-def naive_muon(params, grads, bufs, lr, mu, wd, nesterov, steps=5):
-    """Muon written out in textbook arithmetic (EMA momentum, Nesterov blend, NS polynomial a·X + b·AX + c·A²X)."""
+def naive_muon(params, grads, bufs, lr, mu, wd, nesterov, steps=5, moments=None, beta2=0.95, cautious=False):
+    """Muon written out in textbook arithmetic (EMA momentum, Nesterov blend, NS polynomial a·X + b·AX + c·A²X).
+    ``moments`` (one [rows] tensor per param): NorMuon as the paper states it, row by row; ``cautious``: decay
+    only the entries where the update and the weight have the same sign."""
     a, b, c = QUINTIC
-    for p, g, buf in zip(params, grads, bufs):
+    for i, (p, g, buf) in enumerate(zip(params, grads, bufs)):
         buf.copy_(mu * buf + (1 - mu) * g)
         m = (1 - mu) * g + mu * buf if nesterov else buf
         rows, cols = m.shape
@@ -159,7 +161,13 @@ def naive_muon(params, grads, bufs, lr, mu, wd, nesterov, steps=5):
             A = X @ X.T
             X = a * X + b * (A @ X) + c * (A @ (A @ X))
         O = X.T if rows > cols else X
-        p.copy_(p * (1 - lr * wd) - lr * math.sqrt(max(1, rows / cols)) * O)
+        if moments is not None:
+            v = moments[i]
+            v.copy_(beta2 * v + (1 - beta2) * torch.stack([(row * row).sum() / cols for row in O]))
+            N = torch.stack([row / max(math.sqrt(float(v[r])), 1e-5) for r, row in enumerate(O)])
+            O = N * torch.sqrt((O * O).sum() / (N * N).sum())
+        keep = (O * p >= 0) if cautious else torch.ones_like(p, dtype=torch.bool)
+        p.copy_(torch.where(keep, p * (1 - lr * wd), p) - lr * math.sqrt(max(1, rows / cols)) * O)
 
 
 @pytest.mark.parametrize("nesterov", [True, False])
@@ -181,6 +189,59 @@ def test_matches_naive_reference(nesterov):
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
     assert not torch.equal(model[0].weight, toy_model()[0].weight)
+
+
+@pytest.mark.parametrize("normuon, cautious", [(True, False), (False, True), (True, True)])
+def test_normuon_and_cautious_decay_match_the_naive_reference(normuon, cautious):
+    lr, mu, wd, beta2 = 0.02, 0.9, 0.5, 0.9
+    model, ref = toy_model(), toy_model()
+    opt = Muon(model.parameters(), lr=lr, momentum=mu, weight_decay=wd, normuon=normuon, beta2=beta2,
+               cautious_wd=cautious)
+    bufs = [torch.zeros_like(p) for p in ref.parameters()]
+    moments = [torch.zeros(p.size(0)) for p in ref.parameters()] if normuon else None
+    for step in range(10):
+        train_step(model, opt, step)
+        for p in ref.parameters():
+            p.grad = None
+        x, y = batch(step)
+        nn.functional.mse_loss(ref(x), y).backward()
+        with torch.no_grad():
+            naive_muon(list(ref.parameters()), [p.grad for p in ref.parameters()], bufs, lr, mu, wd, True,
+                       moments=moments, beta2=beta2, cautious=cautious)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, atol=2e-6, rtol=0)
+    plain = toy_model()
+    plain_opt = Muon(plain.parameters(), lr=lr, momentum=mu, weight_decay=wd)
+    for step in range(10):
+        train_step(plain, plain_opt, step)
+    assert all((p - q).abs().max() > 1e-4 for p, q in zip(model.parameters(), plain.parameters()))  # it acts
+    if normuon:
+        for p, v in zip(model.parameters(), moments):
+            torch.testing.assert_close(opt.state[p]["second_moment"][:, 0], v, atol=1e-7, rtol=1e-5)
+
+
+def test_normuon_evens_out_the_rows_and_keeps_the_norm():
+    from gpt2forge.optim.muon import normuon_
+
+    O = newton_schulz(torch.randn(6, 16))  # tall-ish rows of unequal norm after orthogonalising a skewed matrix
+    O = O * torch.linspace(0.2, 2.0, 6)[:, None]
+    moment = torch.zeros(6, 1)
+    N = normuon_(O, moment, beta2=0.0)  # β2 = 0: the current row norms alone
+    rows = N.norm(dim=1)
+    torch.testing.assert_close(rows, rows.mean().expand(6))  # every row the same length
+    torch.testing.assert_close(N.norm(), O.norm())  # the update's overall size unchanged
+    torch.testing.assert_close(moment[:, 0], O.square().mean(dim=1))
+
+
+def test_cautious_decay_spares_entries_the_update_pushes_away_from_zero():
+    from gpt2forge.optim.muon import decay_
+
+    p = torch.tensor([[1.0, -1.0, 2.0, -2.0]])
+    o = torch.tensor([[0.5, 0.5, -0.5, -0.5]])  # W ← W − lr·O: entries 0 and 3 shrink anyway, 1 and 2 grow
+    decay_([p], [o], 0.1, cautious=True)
+    assert p[0].tolist() == pytest.approx([0.9, -1.0, 2.0, -1.8]) and p[0, 1] == -1 and p[0, 2] == 2
+    decay_([p], [o], 0.1, cautious=False)
+    assert p[0].tolist() == pytest.approx([0.81, -0.9, 1.8, -1.62])
 
 
 # 3. torch.optim.Muon
@@ -235,14 +296,15 @@ def run(model: nn.Module, opt: Muon, steps: range) -> None:
         train_step(model, opt, step)
 
 
-@pytest.mark.parametrize("through_disk", [False, True])
-def test_resume_is_bit_exact(through_disk):
+@pytest.mark.parametrize("through_disk, switches", [(False, {}), (True, {}),
+                                                     (True, {"normuon": True, "cautious_wd": True})])
+def test_resume_is_bit_exact(through_disk, switches):
     straight = toy_model()
-    opt = Muon(straight.parameters(), weight_decay=0.05)
+    opt = Muon(straight.parameters(), weight_decay=0.05, **switches)
     run(straight, opt, range(6))
 
     first = toy_model()
-    opt1 = Muon(first.parameters(), weight_decay=0.05)
+    opt1 = Muon(first.parameters(), weight_decay=0.05, **switches)
     run(first, opt1, range(3))
     model_state, opt_state = first.state_dict(), opt1.state_dict()
     if through_disk:
@@ -253,14 +315,15 @@ def test_resume_is_bit_exact(through_disk):
         model_state, opt_state = loaded["model"], loaded["optimizer"]
     resumed = toy_model(seed=123)  # different init: everything must come from the checkpoint
     resumed.load_state_dict(model_state)
-    opt2 = Muon(resumed.parameters(), weight_decay=0.05)
+    opt2 = Muon(resumed.parameters(), weight_decay=0.05, **switches)
     opt2.load_state_dict(opt_state)
     run(resumed, opt2, range(3, 6))
 
+    state = {"momentum_buffer", "second_moment"} if switches.get("normuon") else {"momentum_buffer"}
     for p, q in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(p, q)
-        assert torch.equal(opt.state[p]["momentum_buffer"], opt2.state[q]["momentum_buffer"])
-        assert set(opt2.state[q]) == {"momentum_buffer"}
+        assert set(opt2.state[q]) == state
+        assert all(torch.equal(opt.state[p][k], opt2.state[q][k]) for k in state)
 
 
 # 5. Schedules from outside
@@ -308,10 +371,10 @@ RANK_SCRIPT = textwrap.dedent("""
     muon._iterate = counting
 
     shapes = [(16, 8), (8, 24), (16, 8), (12, 12), (8, 24), (16, 8), (5, 7)]  # (5, 7): no gradient, skipped
-    def train(steps=4, process_group=None):
+    def train(steps=4, process_group=None, **switches):
         torch.manual_seed(0)  # the same params and gradients on every rank, as after DDP's all-reduce
         params = [torch.randn(s, requires_grad=True) for s in shapes]
-        opt = muon.Muon(params, weight_decay=0.1, process_group=process_group)
+        opt = muon.Muon(params, weight_decay=0.1, process_group=process_group, **switches)
         for step in range(steps):
             opt.param_groups[0].update(lr=0.02 * (step + 1) / steps, momentum=0.85 + 0.03 * step)
             for p in params[:-1]:
@@ -319,7 +382,10 @@ RANK_SCRIPT = textwrap.dedent("""
             opt.step()
         return [p.detach() for p in params], [opt.state[p]["momentum_buffer"] for p in params[:-1]]
 
-    reference = train()  # single process: before the process group exists
+    switches = {"normuon": True, "cautious_wd": True}
+    reference_switched = train(**switches)  # single process: before the process group exists
+    calls.clear()
+    reference = train()
     single_calls, single_matrices = len(calls), sum(calls)
     calls.clear()
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -327,10 +393,13 @@ RANK_SCRIPT = textwrap.dedent("""
     shared_matrices = sum(calls)
     calls.clear()
     explicit = train(process_group=dist.new_group([0, 1]))
+    explicit_matrices = sum(calls)
+    switched = train(**switches)
     dist.destroy_process_group()
     torch.save({"reference": reference, "single_calls": single_calls, "single_matrices": single_matrices,
                 "shared": shared, "matrices": shared_matrices, "explicit": explicit,
-                "explicit_matrices": sum(calls)}, out)
+                "explicit_matrices": explicit_matrices, "reference_switched": reference_switched,
+                "switched": switched}, out)
 """)
 
 
@@ -356,6 +425,9 @@ def test_distributed_share_is_bit_identical(tmp_path):
         for run in ("shared", "explicit"):
             for ref, got in zip(r["reference"], r[run]):  # params, then momentum buffers
                 assert all(torch.equal(a, b) for a, b in zip(ref, got))
+        for ref, got in zip(r["reference_switched"], r["switched"]):  # NorMuon and cautious decay on
+            assert all(torch.equal(a, b) for a, b in zip(ref, got))
+        assert not torch.equal(r["switched"][0][0], r["shared"][0][0])
     for a, b in zip(results[0]["shared"][0], results[1]["reference"][0]):
         assert torch.equal(a, b)  # and the same across ranks
 

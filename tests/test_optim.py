@@ -53,7 +53,7 @@ def test_muon_takes_the_matrices_and_each_role_its_own_lr():
     assert lrs[("matrix",)] == pytest.approx(0.02 * factor)
     assert lrs[("embedding",)] == pytest.approx(0.3 * factor)
     assert lrs[("scalar",)] == pytest.approx(0.01 * factor)
-    assert opts.optimizers["muon"].param_groups[0]["momentum"] == muon_momentum_at(50, optim)
+    assert opts.optimizers["muon"].param_groups[0]["momentum"] == muon_momentum_at(50, optim, 100)
 
 
 def test_schedules_are_pure_functions_of_the_step():
@@ -67,7 +67,34 @@ def test_schedules_are_pure_functions_of_the_step():
     steps = [lr_at(s, wsd, 100) for s in range(60, 101)]
     assert all(a > b for a, b in zip(steps, steps[1:]))  # strictly decreasing through the cooldown
     optim = OptimSection(muon_momentum_start=0.85, muon_momentum=0.95, muon_momentum_warmup_steps=300)
-    assert [muon_momentum_at(s, optim) for s in (0, 150, 300, 1000)] == pytest.approx([0.85, 0.90, 0.95, 0.95])
+    assert [muon_momentum_at(s, optim, 2000) for s in (0, 150, 300, 1000, 1999)] == pytest.approx(
+        [0.85, 0.90, 0.95, 0.95, 0.95])
+
+
+def test_muon_momentum_cools_down_over_the_last_steps():
+    optim = OptimSection(muon_momentum_start=0.85, muon_momentum=0.95, muon_momentum_warmup_steps=10,
+                         muon_momentum_cooldown_steps=50)
+    assert [muon_momentum_at(s, optim, 1000) for s in (5, 10, 949, 950, 974, 999)] == pytest.approx(
+        [0.90, 0.95, 0.95, 0.95 - 0.1 / 50, 0.90, 0.85])
+    opts = build_optimizers(tiny(), OptimSection(optimizer="muon", muon_momentum_cooldown_steps=50), "cpu", 1000)
+    opts.set_step(999)
+    assert opts.optimizers["muon"].param_groups[0]["momentum"] == pytest.approx(0.85)  # the trainer sees it
+
+
+def test_cautious_weight_decay_follows_the_lr_schedule():
+    optim = OptimSection(optimizer="muon", lr=0.01, matrix_lr=0.02, matrix_weight_decay=0.5, warmup_steps=0,
+                         schedule="wsd", cooldown_fraction=0.5, min_lr=0.0, muon_cautious_wd=True)
+    opts = build_optimizers(tiny(), optim, "cpu", max_steps=100)
+    group = opts.optimizers["muon"].param_groups[0]
+    assert group["cautious_wd"] and opts.specs["muon"][0].weight_decay == 0.5
+    for step, fraction in ((10, 1.0), (75, 0.5)):
+        opts.set_step(step)
+        assert group["lr"] == pytest.approx(0.02 * fraction) and group["weight_decay"] == pytest.approx(0.5 * fraction)
+    plain = build_optimizers(tiny(), OptimSection(optimizer="muon", matrix_weight_decay=0.5), "cpu", max_steps=100)
+    plain.set_step(75)
+    assert plain.optimizers["muon"].param_groups[0]["weight_decay"] == 0.5  # off: the decay stays as set
+    assert not plain.optimizers["muon"].param_groups[0]["cautious_wd"]
+    assert not plain.optimizers["muon"].param_groups[0]["normuon"]
 
 
 def test_track3_recipe_decays_gains_and_biases_and_the_reference_does_not():
@@ -95,3 +122,7 @@ def test_newton_schulz_choices_are_muons_variants():
         load_config(None, ["optim.muon_ns=polar_express", "optim.muon_ns_steps=6"])
     with pytest.raises(UserError, match="optim.scalar_weight_decay must be ≥ 0"):
         load_config(None, ["optim.scalar_weight_decay=-1"])
+    with pytest.raises(UserError, match=r"optim.muon_beta2 must be in \[0, 1\)"):
+        load_config(None, ["optim.muon_beta2=1"])
+    with pytest.raises(UserError, match="optim.muon_momentum_cooldown_steps must be ≥ 0"):
+        load_config(None, ["optim.muon_momentum_cooldown_steps=-1"])

@@ -55,6 +55,12 @@ class OptimSection:
     """Peak LR of an untied output head; default: optim.lr (a tied head is the token embedding)."""
     scalar_lr: float | None = None
     """Peak LR of gains and biases (1-D parameters); default: optim.lr."""
+    lambda_lr: float | None = None
+    """Peak LR of the learned mixing coefficients (model.residual_scalars' λr and λ0, the value-embedding gates);
+    AdamW, never decayed; default: optim.scalar_lr."""
+    value_embed_lr: float | None = None
+    """Peak LR of the value-embedding tables (model.value_embeds); AdamW with optim.weight_decay; default:
+    optim.embedding_lr."""
     schedule: str = "cosine"
     """cosine: warmup, cosine decay to min_lr at decay_steps, then flat. wsd: warmup, stable, then linear
     decay to min_lr over the last cooldown_fraction of train.max_steps. Every role follows the same shape."""
@@ -91,6 +97,19 @@ class OptimSection:
     """Muon's momentum at step 0, raised linearly to muon_momentum over muon_momentum_warmup_steps."""
     muon_momentum_warmup_steps: int = 300
     """Steps of Muon's momentum warmup (0 = muon_momentum from the start)."""
+    muon_momentum_cooldown_steps: int = 0
+    """Steps at the end of the run (the last N of train.max_steps) over which Muon's momentum falls linearly from
+    muon_momentum back to muon_momentum_start, reaching it on the last step (0 = none; modded-nanogpt's current
+    record: 50). A step in both the warmup and the cooldown takes the warmup's value."""
+    muon_cautious_wd: bool = False
+    """Cautious weight decay for Muon's matrices: decay only the entries where the update and the weight agree in
+    sign (the update already pulls them toward 0), at matrix_weight_decay × lr_t × lr_t/lr (the decay follows the
+    LR schedule twice, as modded-nanogpt's record #50: it fades out in the cooldown)."""
+    muon_normuon: bool = False
+    """NorMuon (Li et al. 2025, arXiv 2510.05491): divide each row (output neuron) of Muon's orthogonalised update by
+    the root of an EMA of its mean square, then rescale the whole update to its former Frobenius norm."""
+    muon_beta2: float = 0.95
+    """NorMuon's EMA factor for the rows' mean squares."""
     muon_nesterov: bool = True
     """Nesterov momentum in Muon."""
     muon_ns: str = "jordan5"
@@ -104,9 +123,14 @@ class OptimSection:
     3's 1e-7 is for its summed loss: on our mean loss its recipe divides it by the tokens per step, as Adam's eps."""
 
     def role_lr(self, role: str) -> float:
-        """Peak LR of a parameter role (matrix, embedding, head, scalar)."""
+        """Peak LR of a parameter role (matrix, embedding, head, scalar, lambda, value_embed)."""
         value = getattr(self, f"{role}_lr")
-        return self.lr if value is None else value
+        if value is None:
+            return self.role_lr(ROLE_LR_DEFAULTS[role]) if role in ROLE_LR_DEFAULTS else self.lr
+        return value
+
+
+ROLE_LR_DEFAULTS = {"lambda": "scalar", "value_embed": "embedding"}  # a role whose unset LR is another role's
 
 
 @dataclass
@@ -468,13 +492,15 @@ def validate(config: Config) -> None:
     positive = ["train.max_steps", "train.total_batch_tokens", "train.micro_batch_size", "train.seq_len", "optim.lr",
                 "optim.eps", "checkpoint.keep_last", "log.every", "train.max_bad_steps", "optim.muon_ns_steps",
                 "optim.matrix_lr", "optim.embedding_lr", "optim.head_lr", "optim.scalar_lr", "optim.decay_steps",
+                "optim.lambda_lr", "optim.value_embed_lr",
                 "train.spike_window", "optim.muon_ns_eps"]
     for key in positive:
         if values[key] is not None and values[key] <= 0:
             raise UserError(f"{key} must be positive, got {values[key]}")
     non_negative = ["optim.min_lr", "optim.warmup_steps", "optim.weight_decay", "optim.matrix_weight_decay",
                     "optim.scalar_weight_decay",
-                    "optim.grad_clip", "optim.muon_momentum_warmup_steps", "eval.val_every", "eval.val_tokens",
+                    "optim.grad_clip", "optim.muon_momentum_warmup_steps", "optim.muon_momentum_cooldown_steps",
+                    "eval.val_every", "eval.val_tokens",
                     "eval.hellaswag_every", "eval.hellaswag_limit", "eval.tasks_every", "eval.tasks_limit",
                     "eval.sample_every", "eval.sample_tokens", "eval.num_samples", "checkpoint.every",
                     "train.spike_zscore", "train.spike_loss_margin", "train.spike_jump", "train.spike_grad_ratio"]
@@ -482,7 +508,7 @@ def validate(config: Config) -> None:
         if values[key] is not None and values[key] < 0:
             raise UserError(f"{key} must be ≥ 0, got {values[key]}")
     unit = {"optim.beta1": o.beta1, "optim.beta2": o.beta2, "optim.muon_momentum": o.muon_momentum,
-            "optim.muon_momentum_start": o.muon_momentum_start}
+            "optim.muon_momentum_start": o.muon_momentum_start, "optim.muon_beta2": o.muon_beta2}
     for key, value in unit.items():
         if not 0 <= value < 1:
             raise UserError(f"{key} must be in [0, 1), got {value}")

@@ -6,9 +6,10 @@ differ only in that Hugging Face stores the four projection matrices as ``Conv1D
 ``nn.Linear`` ([out, in]): those four are transposed, everything else maps by name.
 
 ``modern`` has no exact ``transformers`` counterpart (no class has its mix of half-rotary heads, gain-free QK
-RMSNorm, ReLU² and a tanh soft cap), so it goes out as remote code: ``hf_remote/configuration_gpt2forge.py`` and
-``hf_remote/modeling_gpt2forge.py`` (package data, self-contained) are copied next to the weights and named in
-``config.json``'s ``auto_map``; ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` loads it.
+RMSNorm, ReLU², a soft cap, residual scalars and value embeddings), so it goes out as remote code:
+``hf_remote/configuration_gpt2forge.py`` and ``hf_remote/modeling_gpt2forge.py`` (package data, self-contained)
+are copied next to the weights and named in ``config.json``'s ``auto_map``;
+``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` loads it.
 The modeling file is driven by the modern config's fields (``FIELDS`` in the configuration file); a model with
 a field it does not know is refused rather than exported to compute something else.
 
@@ -41,6 +42,14 @@ REMOTE_CODE = Path(__file__).parent / "hf_remote"
 MODERN_TYPE = "gpt2forge_modern"
 REMOTE_FILES = ("configuration_gpt2forge.py", "modeling_gpt2forge.py")
 VOCAB_ROWS = ("transformer.wte.weight", "lm_head.weight", "lm_head.bias")  # cut to / padded from the real vocab
+# ... and the value-embedding tables, transformer.ve.<i>.weight
+REMOTE_OPTIONAL = {"logit_softcap_form": "tanh", "residual_scalars": False, "value_embeds": 0}
+"""Remote-code fields an older export's config.json may lack, and what it computed without them."""
+
+
+def vocab_rows(key: str) -> bool:
+    """Whether the state-dict entry ``key`` has one row per (padded) vocabulary entry."""
+    return key in VOCAB_ROWS or (key.startswith("transformer.ve.") and key.endswith(".weight"))
 
 
 def remote_fields() -> tuple[str, ...]:
@@ -61,7 +70,8 @@ def config_from_hf(hf: dict, origin: str, vocab_multiple: int = 1) -> ModelConfi
     """Our config for a Hugging Face config.json (GPT-2, or our modern export), refusing other architectures."""
     if hf.get("model_type") == MODERN_TYPE:
         try:
-            return make_config("modern", **{f: hf[f] for f in remote_fields()}, vocab_multiple=vocab_multiple)
+            fields = {**REMOTE_OPTIONAL, **{f: hf[f] for f in remote_fields() if f in hf or f not in REMOTE_OPTIONAL}}
+            return make_config("modern", **fields, vocab_multiple=vocab_multiple)
         except KeyError as e:
             raise UserError(f"{origin}: config.json lacks {e}") from None
         except ValueError as e:
@@ -117,8 +127,8 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor], config: ModelConfig, o
     modern exports carry our names already, so only the vocabulary rows are padded and ties restored."""
     if config.arch != "gpt2":
         state = {k: v for k, v in hf_state.items() if k not in tied_weights(config)}
-        for key in VOCAB_ROWS:
-            if key in state and config.padded_vocab_size > state[key].size(0):
+        for key in [k for k in state if vocab_rows(k)]:
+            if config.padded_vocab_size > state[key].size(0):
                 pad = state[key].new_zeros(config.padded_vocab_size - state[key].size(0), *state[key].shape[1:])
                 state[key] = torch.cat([state[key], pad])
         for alias, source in tied_weights(config).items():
@@ -240,7 +250,7 @@ def hf_state_dict(model, dtype: torch.dtype = torch.float32) -> dict[str, torch.
         if key in tied_weights(model.config):
             continue
         value = value.detach().to("cpu", dtype)
-        if key in VOCAB_ROWS:
+        if vocab_rows(key):
             value = value[:vocab]
         if model.config.arch == "gpt2" and key.endswith(CONV1D_WEIGHTS):
             value = value.t()

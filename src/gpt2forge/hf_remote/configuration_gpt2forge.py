@@ -8,7 +8,8 @@ are gpt2forge's ``ModernConfig`` fields, under the same names and with the same 
 from transformers import PretrainedConfig
 
 FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "rope_base", "rope_fraction", "qk_norm", "mlp",
-          "embed_norm", "tie_embeddings", "zero_init", "logit_softcap", "bias", "attn_scale")
+          "embed_norm", "tie_embeddings", "zero_init", "logit_softcap", "logit_softcap_form", "bias", "attn_scale",
+          "residual_scalars", "value_embeds")
 
 
 class Gpt2forgeModernConfig(PretrainedConfig):
@@ -18,11 +19,14 @@ class Gpt2forgeModernConfig(PretrainedConfig):
 
     def __init__(self, n_layer=12, n_head=6, n_embd=768, block_size=1024, vocab_size=50257, rope_base=1024.0,
                  rope_fraction=0.5, qk_norm=True, mlp="relu2", embed_norm=True, tie_embeddings=False, zero_init=True,
-                 logit_softcap=15.0, bias=True, attn_scale=0.12, **kwargs):
+                 logit_softcap=15.0, logit_softcap_form="algebraic", bias=True, attn_scale=0.12,
+                 residual_scalars=False, value_embeds=0, **kwargs):
         self.n_layer, self.n_head, self.n_embd, self.block_size = n_layer, n_head, n_embd, block_size
         self.vocab_size, self.rope_base, self.rope_fraction = vocab_size, rope_base, rope_fraction
         self.qk_norm, self.mlp, self.embed_norm, self.tie_embeddings = qk_norm, mlp, embed_norm, tie_embeddings
         self.zero_init, self.logit_softcap, self.bias, self.attn_scale = zero_init, logit_softcap, bias, attn_scale
+        self.logit_softcap_form, self.residual_scalars, self.value_embeds = (logit_softcap_form, residual_scalars,
+                                                                             value_embeds)
         self.use_cache = kwargs.pop("use_cache", True)
         kwargs["tie_word_embeddings"] = tie_embeddings
         kwargs.setdefault("bos_token_id", 50256)

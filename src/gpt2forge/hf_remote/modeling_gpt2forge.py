@@ -4,8 +4,10 @@ Shipped by ``gpt2forge export`` with the weights; self-contained (``torch`` and 
 computation is gpt2forge's ``models/modern.py`` step for step, driven by the config's fields: rotary positions on
 the first ``rope_fraction`` of each head (frequencies geometric from 1 to 1/``rope_base``), RMSNorm (after the
 embedding when ``embed_norm``, gain-free on q and k when ``qk_norm``), ReLU² or GELU MLP, biases when ``bias``, the
-head tied to the embedding when ``tie_embeddings``, logits soft-capped at ``logit_softcap``. Parameter names are
-gpt2forge's, so the weights file is its state dict with the vocabulary padding cut off.
+head tied to the embedding when ``tie_embeddings``, logits soft-capped at ``logit_softcap`` (``logit_softcap_form``:
+tanh or algebraic), per-layer residual and x0 scalars when ``residual_scalars``, ``value_embeds`` gated value-
+embedding tables. Parameter names are gpt2forge's, so the weights file is its state dict with the vocabulary
+padding cut off.
 
 Beyond gpt2forge's forward: a ``transformers`` KV cache (``DynamicCache``) for ``generate``, and an
 ``attention_mask`` with ``position_ids`` for padded batches (rotary positions follow ``position_ids``).
@@ -54,6 +56,14 @@ def apply_rotary(x, cos, sin):
     return torch.cat(((x1 * cos - x2 * sin).type_as(x), (x1 * sin + x2 * cos).type_as(x), rest), dim=-1)
 
 
+def value_embed_table(config, layer):
+    """The value-embedding table of ``layer`` (None: none): table i serves layers i and n_layer − value_embeds + i."""
+    k = config.value_embeds
+    if layer < k:
+        return layer
+    return layer - (config.n_layer - k) if layer >= config.n_layer - k else None
+
+
 class Attention(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
@@ -61,11 +71,16 @@ class Attention(nn.Module):
         self.qk_norm, self.scale = config.qk_norm, config.attn_scale or None
         C = config.n_embd
         self.c_q, self.c_k, self.c_v, self.c_proj = (nn.Linear(C, C, bias=config.bias) for _ in range(4))
+        if value_embed_table(config, layer) is not None:
+            self.ve_gate = nn.Linear(min(12, C), config.n_head, bias=False)
 
-    def forward(self, x, rope, mask, cache):
+    def forward(self, x, rope, mask, cache, ve):
         B, T, C = x.shape
         q, k, v = (lin(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2) for lin in (self.c_q, self.c_k,
                                                                                              self.c_v))
+        if ve is not None:  # the tokens' value embedding, gated per head by 2·sigmoid(w·x[:12])
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate.in_features]))
+            v = v + gate.transpose(1, 2)[..., None] * ve.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         if self.qk_norm:
             q, k = rms_norm(q), rms_norm(k)
         if rope is not None:
@@ -96,9 +111,13 @@ class Block(nn.Module):
         super().__init__()
         self.ln_1, self.attn = RMSNorm(config.n_embd), Attention(config, layer)
         self.ln_2, self.mlp = RMSNorm(config.n_embd), MLP(config)
+        if config.residual_scalars:
+            self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # (λr, λ0)
 
-    def forward(self, x, rope, mask, cache):
-        x = x + self.attn(self.ln_1(x), rope, mask, cache)
+    def forward(self, x, rope, mask, cache, x0, ve):
+        if hasattr(self, "lambdas"):
+            x = self.lambdas[0] * x + self.lambdas[1] * x0
+        x = x + self.attn(self.ln_1(x), rope, mask, cache, ve)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -117,6 +136,9 @@ class Gpt2forgeModernForCausalLM(PreTrainedModel, GenerationMixin):
             "h": nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
             "ln_f": RMSNorm(config.n_embd),
         })
+        if config.value_embeds:
+            self.transformer["ve"] = nn.ModuleList(nn.Embedding(config.vocab_size, config.n_embd)
+                                                   for _ in range(config.value_embeds))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.bias)
         self.rope_dims = int(config.rope_fraction * (config.n_embd // config.n_head))
         self.post_init()
@@ -158,12 +180,18 @@ class Gpt2forgeModernForCausalLM(PreTrainedModel, GenerationMixin):
                 own[torch.arange(T), torch.arange(T) + S - T] = True
                 mask = (mask & attention_mask[:, None, None, -S:].bool()) | own
         rope = rotary(position_ids, self.rope_dims, self.config.rope_base) if self.rope_dims else None
-        x = self.transformer.ln_emb(self.transformer.wte(input_ids))
-        for block in self.transformer.h:
-            x = block(x, rope, mask, cache if use_cache else None)
+        x = x0 = self.transformer.ln_emb(self.transformer.wte(input_ids))
+        ves = [table(input_ids) for table in self.transformer["ve"]] if self.config.value_embeds else []
+        for i, block in enumerate(self.transformer.h):
+            table = value_embed_table(self.config, i)
+            x = block(x, rope, mask, cache if use_cache else None, x0, None if table is None else ves[table])
         logits = self.lm_head(self.transformer.ln_f(x))
         cap = self.config.logit_softcap
-        logits = cap * torch.tanh(logits.float() / cap) if cap else logits
+        if cap and self.config.logit_softcap_form == "algebraic":  # cap·x/sqrt(x² + cap²)
+            x = logits.float()
+            logits = x * (x.square() + cap * cap).rsqrt().mul(cap)
+        elif cap:
+            logits = cap * torch.tanh(logits.float() / cap)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),

@@ -12,7 +12,8 @@ The contract is what the training loop, evaluation, sampling, FSDP, checkpoints 
   that are one tensor (GPT-2's head is its token embedding). Weights files store the source only and restore
   the alias: nothing outside the model hard-codes a tie, so an untied head is saved and loaded as itself.
 - ``embedding_weights`` / ``head_weights``: parameter names with those roles, which the optimizer builder uses
-  to group parameters (the other roles are hidden matrices, ≥ 2-D, and gains/biases, < 2-D).
+  to group parameters (the other roles are hidden matrices, ≥ 2-D, and gains/biases, < 2-D); optionally
+  ``role_patterns``, ``{fnmatch pattern: role}`` for parameters of other roles (modern's lambda, value_embed).
 
 ``common.DecoderLM`` implements ``blocks``, ``flops_per_token`` and ``new_cache`` for a model that keeps its
 blocks in ``transformer.h``, as both architectures here do. Model files import nothing from the rest of the
@@ -22,6 +23,7 @@ package. Sampling policy (temperature, top-k, top-p) lives in ``gpt2forge.sample
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import typing
 from dataclasses import dataclass
@@ -110,12 +112,16 @@ def padding_params(model: nn.Module) -> int:
 
 def parameter_roles(model: nn.Module) -> dict[str, str]:
     """``{name: role}`` for every trainable parameter (tied ones once): ``embedding`` and ``head`` as the model
-    declares them, ``matrix`` for the other ≥ 2-D weights, ``scalar`` for gains and biases."""
+    declares them (``role_patterns`` too), ``matrix`` for the other ≥ 2-D weights, ``scalar`` for gains and biases."""
     roles = {}
+    patterns = getattr(model, "role_patterns", {})
     for name, p in model.named_parameters():  # named_parameters yields a tied tensor once, under its first name
         if not p.requires_grad:
             continue
-        if name in model.embedding_weights:
+        declared = next((role for pattern, role in patterns.items() if fnmatch.fnmatchcase(name, pattern)), None)
+        if declared:
+            roles[name] = declared
+        elif name in model.embedding_weights:
             roles[name] = "embedding"
         elif name in model.head_weights:
             roles[name] = "head"

@@ -6,9 +6,10 @@ Each choice is a config field whose default is track 3's, so an ablation switche
 follow ``gpt2.py`` where the module is the same kind; q, k and v are separate matrices because Muon
 orthogonalises each hidden matrix on its own.
 
-Left out on purpose: the later track-1 records' value residual, x0 shortcuts, U-net skips and document-masked
-sliding windows. Track 3, the plain tuned baseline, has none of them, and each adds model state or ties the
-model to the data layout (document boundaries) and to how evaluation chunks text.
+Two later track-1 additions are switches, off by default (track 3 has neither): per-layer residual and x0
+scalars (``residual_scalars``) and value embeddings (``value_embeds``). Left out on purpose: the value residual,
+U-net skips and document-masked sliding windows, which tie the model to the data layout (document boundaries)
+and to how evaluation chunks text.
 """
 
 from __future__ import annotations
@@ -66,10 +67,19 @@ class ModernConfig(ModelConfig):
     attn_scale: float = 0.12
     """Multiplier of q·k before the softmax; 0 = 1/sqrt(head_dim) (0.088 at 128). Track 3 uses 0.12, tuned for
     qk_norm and 128-wide heads: with unit-RMS q and k the logits stay within ±0.12·head_dim."""
+    residual_scalars: bool = False
+    """Before each block, x ← λr·x + λ0·x0, x0 the normalised embedding and (λr, λ0) learned per layer from (1, 0):
+    a block may damp the stream or re-read the tokens (modded-nanogpt record #9's x0 shortcut). Optimizer role
+    ``lambda`` (optim.lambda_lr, never decayed). At init the model computes exactly what it does without them."""
+    value_embeds: int = 0
+    """Value embeddings: this many extra token-embedding tables (vocab × n_embd each), whose rows are added to
+    attention's values through a learned gate per head, 2·sigmoid(w·x[:12]) (1 at init). Table i serves layers i and
+    n_layer − value_embeds + i, the first and the last layers (as records #13–17 shared 3 tables among 6 layers).
+    Optimizer roles: the tables ``value_embed`` (optim.value_embed_lr), the gates ``lambda``. 0 = off."""
 
     def validate(self) -> None:
         super().validate()
-        for f in ("qk_norm", "embed_norm", "tie_embeddings", "zero_init", "bias"):
+        for f in ("qk_norm", "embed_norm", "tie_embeddings", "zero_init", "bias", "residual_scalars"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"model.{f} must be true or false, got {getattr(self, f)!r}")
         if self.logit_softcap_form not in SOFTCAP_FORMS:
@@ -87,6 +97,17 @@ class ModernConfig(ModelConfig):
             raise ValueError(f"model.logit_softcap must be ≥ 0 (0 = off), got {self.logit_softcap!r}")
         if not (math.isfinite(self.attn_scale) and self.attn_scale >= 0):
             raise ValueError(f"model.attn_scale must be ≥ 0 (0 = 1/sqrt(head_dim)), got {self.attn_scale!r}")
+        k = self.value_embeds
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0 or 2 * k > self.n_layer:
+            raise ValueError(f"model.value_embeds must be an integer from 0 to n_layer/2 = {self.n_layer // 2} (each "
+                             f"table serves one of the first and one of the last layers), got {k!r}")
+
+    def value_embed_table(self, layer: int) -> int | None:
+        """Which value-embedding table ``layer`` adds to its values (None: none)."""
+        k = self.value_embeds
+        if layer < k:
+            return layer
+        return layer - (self.n_layer - k) if layer >= self.n_layer - k else None
 
     @property
     def rope_dims(self) -> int:
@@ -103,6 +124,9 @@ PRESETS: dict[str, dict] = {  # GPT-2's sizes and names; the heads 128 wide wher
 }
 
 
+VE_GATE_INPUTS = 12  # the value-embedding gate reads the first 12 channels of the block's normalised input
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModernConfig, layer: int, runtime: Runtime) -> None:
         super().__init__()
@@ -113,12 +137,17 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(C, C, bias=config.bias)
         self.c_v = nn.Linear(C, C, bias=config.bias)
         self.c_proj = nn.Linear(C, C, bias=config.bias)
+        if config.value_embed_table(layer) is not None:  # one gate per head, zero-init: 2·sigmoid(0) = 1
+            self.ve_gate = nn.Linear(min(VE_GATE_INPUTS, C), config.n_head, bias=False)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, ve: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = (lin(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs) each
                    for lin in (self.c_q, self.c_k, self.c_v))
+        if ve is not None:  # this layer's value embedding of the tokens (B, T, C), gated per head
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate.in_features]))  # (B, T, nh)
+            v = v + gate.transpose(1, 2)[..., None] * ve.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         if self.qk_norm:
             q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))  # (B, nh, T, hs), unit RMS
         if rope is not None:
@@ -149,10 +178,15 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer, runtime)
         self.ln_2 = RMSNorm(config.n_embd)
         self.mlp = MLP(config)
+        if config.residual_scalars:
+            self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # (λr, λ0)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, cache)
+                cache: KVCache | None = None, x0: torch.Tensor | None = None,
+                ve: torch.Tensor | None = None) -> torch.Tensor:
+        if hasattr(self, "lambdas"):
+            x = self.lambdas[0] * x + self.lambdas[1] * x0
+        x = x + self.attn(self.ln_1(x), rope, cache, ve)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -162,6 +196,9 @@ class ModernGPT(DecoderLM):
 
     embedding_weights: ClassVar[tuple[str, ...]] = ("transformer.wte.weight",)
     head_weights: ClassVar[tuple[str, ...]] = ("lm_head.weight",)
+    role_patterns: ClassVar[dict[str, str]] = {"transformer.ve.*.weight": "value_embed",
+                                               "transformer.h.*.lambdas": "lambda",
+                                               "transformer.h.*.attn.ve_gate.weight": "lambda"}
 
     @staticmethod
     def tied_weights(config: ModernConfig) -> dict[str, str]:
@@ -180,6 +217,9 @@ class ModernGPT(DecoderLM):
                 "ln_f": RMSNorm(config.n_embd),
             }
         )
+        if config.value_embeds:
+            self.transformer["ve"] = nn.ModuleList(nn.Embedding(config.padded_vocab_size, config.n_embd)
+                                                   for _ in range(config.value_embeds))
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=config.bias)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
@@ -191,7 +231,8 @@ class ModernGPT(DecoderLM):
         """Track 3's init: matrices N(0, 0.33/fan_in) (its rounding of torch's default uniform init), the untied
         embedding N(0, 1) (torch's default; a norm follows it), biases 0, gains 1, then the out-projections and
         an untied head zeroed (``zero_init``). A tied matrix keeps the head's init: N(0, 1) would start the
-        logits at about ±sqrt(n_embd)."""
+        logits at about ±sqrt(n_embd). Value embeddings N(0, 0.01²) (small next to the values, ~0.57 RMS), their
+        gates 0 (a gate of 1)."""
         c = self.config
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -206,13 +247,21 @@ class ModernGPT(DecoderLM):
             outputs = [m for b in self.transformer.h for m in (b.attn.c_proj, b.mlp.c_proj)]
             for module in outputs + ([] if c.tie_embeddings else [self.lm_head]):
                 nn.init.zeros_(module.weight)
+        for table in self.transformer["ve"] if c.value_embeds else ():
+            nn.init.normal_(table.weight, mean=0.0, std=0.01)
+        for block in self.transformer.h:
+            if hasattr(block.attn, "ve_gate"):
+                nn.init.zeros_(block.attn.ve_gate.weight)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count, tied weights once. ``non_embedding`` drops the token embedding, a lookup without FLOPs,
-        unless it is also the head (tied: a matmul, kept as GPT-2 keeps its own); an untied head always counts."""
+        unless it is also the head (tied: a matmul, kept as GPT-2 keeps its own), and the value embeddings (lookups
+        too); an untied head always counts."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding and not self.config.tie_embeddings:
             n -= self.transformer.wte.weight.numel()
+        if non_embedding and self.config.value_embeds:
+            n -= sum(table.weight.numel() for table in self.transformer["ve"])
         return n
 
     def forward(
@@ -221,16 +270,17 @@ class ModernGPT(DecoderLM):
         """Soft-capped logits over the real vocabulary (padding sliced off) and, given targets, the mean
         cross-entropy of those logits (with the chunked loss, given targets, no logits: materialising them is
         what it avoids). With a cache, positions continue from ``cache.pos``."""
-        T = idx.size(1)
+        T, c = idx.size(1), self.config
         start = self.first_position(T, cache)
         rope = self.rotary(start, T) if self.rotary is not None else None  # cos, sin: (T, rope_dims/2) each
-        x = self.transformer.ln_emb(self.transformer.wte(idx))  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x, rope, cache)
+        x = x0 = self.transformer.ln_emb(self.transformer.wte(idx))  # (B, T, C)
+        ves = [table(idx) for table in self.transformer["ve"]] if c.value_embeds else []  # (B, T, C) each
+        for i, block in enumerate(self.transformer.h):
+            table = c.value_embed_table(i)
+            x = block(x, rope, cache, x0, None if table is None else ves[table])
         if cache is not None:
             cache.pos += T
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V_padded)
-        c = self.config
         if targets is not None and self.loss == "chunked":
             return None, chunked_cross_entropy(logits, targets, c.vocab_size, c.logit_softcap, c.logit_softcap_form)
         logits = softcap(logits[..., : c.vocab_size], c.logit_softcap, c.logit_softcap_form)  # (B, T, V)

@@ -1,11 +1,12 @@
 """Optimizers from named parameter groups, one or several per run, driven by pure schedules of the step.
 
-Every parameter gets a role from the model (``models.parameter_roles``: matrix, embedding, head, scalar). The
-recipe says which optimizer takes the hidden matrices (AdamW, or Muon) — everything else is AdamW — and each
-role's peak LR and weight decay (gains and biases: ``scalar_weight_decay``, 0 unless a recipe such as track 3
-decays them). Parameters whose (optimizer, LR scale, weight decay) agree share a param group, in the model's
-parameter order, so GPT-2's recipe gets exactly its two AdamW groups (decay on ≥ 2-D weights, none on gains and
-biases) and its losses stay bit-identical.
+Every parameter gets a role from the model (``models.parameter_roles``: matrix, embedding, head, scalar, and for
+the modern model's optional parts lambda and value_embed). The recipe says which optimizer takes the hidden
+matrices (AdamW, or Muon) — everything else is AdamW — and each role's peak LR and weight decay (gains and biases:
+``scalar_weight_decay``, 0 unless a recipe such as track 3 decays them; the lambda role's mixing coefficients:
+never, decay would pull a residual scale toward 0). Parameters whose (optimizer, LR scale, weight decay) agree
+share a param group, in the model's parameter order, so GPT-2's recipe gets exactly its two AdamW groups (decay on
+≥ 2-D weights, none on gains and biases) and its losses stay bit-identical.
 
 ``Optimizers`` is what the loop and the checkpoint see: ``set_step(step)`` writes every group's LR (and Muon's
 momentum) from the schedules, ``step()``/``zero_grad()`` go to every optimizer, and the state is one entry per
@@ -39,7 +40,7 @@ class GroupSpec:
 def group_settings(role: str, optim: OptimSection) -> tuple[str, float, float]:
     """(optimizer, LR scale, weight decay) of a parameter role under ``optim``."""
     optimizer = optim.optimizer if role == "matrix" else "adamw"
-    weight_decay = optim.scalar_weight_decay if role == "scalar" else optim.weight_decay
+    weight_decay = {"scalar": optim.scalar_weight_decay, "lambda": 0.0}.get(role, optim.weight_decay)
     if role == "matrix" and optim.matrix_weight_decay is not None:
         weight_decay = optim.matrix_weight_decay
     return optimizer, optim.role_lr(role) / optim.lr, weight_decay
@@ -62,7 +63,9 @@ class Optimizers:
             for group, spec in zip(optimizer.param_groups, self.specs[name]):  # by position: survives load_state_dict
                 group["lr"] = lr * spec.lr_scale
                 if name == "muon":
-                    group["momentum"] = muon_momentum_at(step, self.optim)
+                    group["momentum"] = muon_momentum_at(step, self.optim, self.max_steps)
+                    if self.optim.muon_cautious_wd:  # the decay follows the schedule: lr_t/lr of its lr_t·wd
+                        group["weight_decay"] = spec.weight_decay * lr / self.optim.lr
         return lr
 
     def step(self) -> None:
@@ -115,4 +118,5 @@ def make_muon(param_groups: list[dict], optim: OptimSection) -> torch.optim.Opti
 
     return Muon(param_groups, lr=optim.role_lr("matrix"), momentum=optim.muon_momentum,
                 nesterov=optim.muon_nesterov, ns=optim.muon_ns, ns_steps=optim.muon_ns_steps,
-                ns_eps=optim.muon_ns_eps)
+                ns_eps=optim.muon_ns_eps, normuon=optim.muon_normuon, beta2=optim.muon_beta2,
+                cautious_wd=optim.muon_cautious_wd)

@@ -44,8 +44,12 @@ processes, uneven rows). The price: the hidden matrices' updates exist whole on 
 transient copy of their size), and an all-gather of them on top of FSDP's own.
 
 The optimizer keeps no schedule: it reads ``lr``, ``momentum`` and ``weight_decay`` from each param group at
-every step (the trainer sets them from the step number), and its state is the momentum buffer alone, so the
-base class's ``state_dict``/``load_state_dict`` give a bit-exact resume.
+every step (the trainer sets them from the step number), and its state is the momentum buffer (and NorMuon's
+row second moments), so the base class's ``state_dict``/``load_state_dict`` give a bit-exact resume.
+
+What happens to one matrix after its orthogonalisation (NorMuon's rows, the cautious decay, the update) is in
+``normuon_`` and ``decay_``, apart from the code that shares the orthogonalisation among ranks: every rank runs
+them on every matrix, on the same inputs, so they keep the distributed step equal to the single-process one.
 """
 
 from __future__ import annotations
@@ -158,6 +162,34 @@ def _own_rows(p: Tensor, whole: Tensor) -> Tensor:
     return distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None).to_local()
 
 
+def normuon_(O: Tensor, second_moment: Tensor, beta2: float) -> Tensor:
+    """NorMuon's row normalisation of one orthogonalised update ``O`` [rows, cols] (returned in O's dtype).
+
+    Orthogonalisation equalises the singular values, not the rows: some output neurons still get much larger
+    updates than others. Each row is divided by the root of an EMA (``beta2``) of its mean square, kept in
+    ``second_moment`` [rows, 1] (updated in place), and the result is scaled back to O's Frobenius norm, so the
+    step size stays Muon's and only its spread over the rows changes. No bias correction: a constant factor
+    across rows, which the rescaling removes."""
+    X = O.float()
+    second_moment.lerp_(X.square().mean(dim=1, keepdim=True), 1 - beta2)
+    Y = X * second_moment.clamp_min(1e-10).rsqrt()
+    Y = Y * (X.norm() / Y.norm().clamp_min(1e-10))
+    return Y.to(O.dtype)
+
+
+def decay_(params: list[Tensor], updates: list[Tensor], rate: float, cautious: bool) -> None:
+    """Decoupled weight decay W ← W·(1 − rate) before the update W ← W − lr·s·O; ``cautious``: only the entries
+    where O and W agree in sign (O·W ≥ 0, as modded-nanogpt), i.e. where the update already pulls W toward 0, so
+    the decay never fights the gradient's direction. The update never reads W, so decaying first is the same."""
+    if not rate:
+        return
+    if not cautious:
+        torch._foreach_mul_(params, 1 - rate)
+        return
+    for p, o in zip(params, updates):
+        p.mul_(torch.where(o * p >= 0, 1 - rate, 1.0).to(p.dtype))
+
+
 @functools.cache
 def _compiled_iterate() -> Callable[..., Tensor]:
     return torch.compile(_iterate, dynamic=False, fullgraph=True)
@@ -172,7 +204,9 @@ class Muon(torch.optim.Optimizer):
         B ← B + (1 − μ)(g − B)                      (``B.lerp_(g, 1 − μ)``)
         M ← g + μ(B − g) if nesterov else B        (``g.lerp(B, μ)``)
         O ← newton_schulz(M)
-        W ← W · (1 − lr · weight_decay)            (decoupled; plain lr, not the shape-scaled one)
+        O ← normuon_(O)                            (only with ``normuon``: rows normalised, norm kept)
+        W ← W · (1 − lr · weight_decay)            (decoupled; plain lr, not the shape-scaled one; with
+                                                    ``cautious_wd`` only where O·W ≥ 0)
         W ← W − lr · √max(1, rows/cols) · O
 
     As launched: the momentum, the decay and the update are one ``torch._foreach_*`` op per param group (one
@@ -198,17 +232,22 @@ class Muon(torch.optim.Optimizer):
         ns_steps: int | None = None,
         ns_dtype: torch.dtype | None = None,
         ns_eps: float | None = None,
+        normuon: bool = False,
+        beta2: float = 0.95,
+        cautious_wd: bool = False,
         process_group: dist.ProcessGroup | None = None,
         compile: bool | None = None,
     ) -> None:
-        if lr < 0 or not 0 <= momentum <= 1 or weight_decay < 0 or (ns_steps is not None and ns_steps < 0):
+        if (lr < 0 or not 0 <= momentum <= 1 or weight_decay < 0 or (ns_steps is not None and ns_steps < 0)
+                or not 0 <= beta2 < 1):
             raise ValueError(f"Muon: bad hyperparameters lr={lr} momentum={momentum} weight_decay={weight_decay} "
-                             f"ns_steps={ns_steps}")
+                             f"ns_steps={ns_steps} beta2={beta2}")
         if ns not in NS_VARIANTS:
             raise ValueError(f"Muon: unknown Newton–Schulz variant {ns!r}; choose one of {', '.join(NS_VARIANTS)}")
         NS_VARIANTS[ns].schedule(ns_steps)  # refuses more steps than a per-iteration table has
         defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay,
-                    "ns": ns, "ns_steps": ns_steps, "ns_dtype": ns_dtype, "ns_eps": ns_eps}
+                    "ns": ns, "ns_steps": ns_steps, "ns_dtype": ns_dtype, "ns_eps": ns_eps, "normuon": normuon,
+                    "beta2": beta2, "cautious_wd": cautious_wd}
         # Neither is in defaults: a process group is not picklable state, and compiling is how, not what.
         self.process_group, self.compile = process_group, compile
         super().__init__(params, defaults)
@@ -216,8 +255,9 @@ class Muon(torch.optim.Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         for group in self.param_groups:  # load_state_dict keeps the saved groups: older ones predate variants
-            group.setdefault("ns", "jordan5")
-            group.setdefault("ns_eps", None)
+            for key, value in {"ns": "jordan5", "ns_eps": None, "normuon": False, "beta2": 0.95,
+                               "cautious_wd": False}.items():
+                group.setdefault(key, value)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -243,22 +283,30 @@ class Muon(torch.optim.Optimizer):
             momentum = group["momentum"]
             torch._foreach_lerp_(buffers, grads, 1 - momentum)
             updates = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
-            if group["weight_decay"]:  # the update never reads the weights, so decaying them first is the same
-                torch._foreach_mul_([_local(p) for p in params], 1 - group["lr"] * group["weight_decay"])
             for p, update in zip(params, updates):
                 key = (p.shape, p.dtype, p.device, group["ns"], group["ns_steps"], group["ns_dtype"], group["ns_eps"])
                 buckets.setdefault(key, []).append((p, group, _whole(p, update)))
 
         for ((shape, dtype, *_), members), orthogonal in zip(buckets.items(), self._orthogonalise(buckets)):
             scale = math.sqrt(max(1.0, shape[0] / shape[1]))
-            by_group: dict[int, tuple[list[Tensor], list[Tensor], float]] = {}
+            by_group: dict[int, tuple[dict, list[Tensor], list[Tensor]]] = {}
             for (p, group, _), o in zip(members, orthogonal.to(dtype).unbind(0)):
-                params, updates, lr = by_group.setdefault(id(group), ([], [], group["lr"]))
+                if group["normuon"]:
+                    o = normuon_(o, self._second_moment(p), group["beta2"])
+                _, params, updates = by_group.setdefault(id(group), (group, [], []))
                 params.append(_local(p))
                 updates.append(_own_rows(p, o))
-            for params, updates, lr in by_group.values():
-                torch._foreach_add_(params, updates, alpha=-lr * scale)
+            for group, params, updates in by_group.values():
+                decay_(params, updates, group["lr"] * group["weight_decay"], group["cautious_wd"])
+                torch._foreach_add_(params, updates, alpha=-group["lr"] * scale)
         return loss
+
+    def _second_moment(self, p: Tensor) -> Tensor:
+        """NorMuon's EMA of the mean square of each row of the update: [rows, 1], float32, zeros at first."""
+        state = self.state[p]
+        if "second_moment" not in state:
+            state["second_moment"] = torch.zeros(p.size(0), 1, dtype=torch.float32, device=p.device)
+        return state["second_moment"]
 
     def _buffer(self, p: Tensor) -> Tensor:
         state = self.state[p]

@@ -15,7 +15,7 @@ import math
 from ..config import OptimSection
 from ..errors import UserError
 
-ROLES = ("matrix", "embedding", "head", "scalar")
+ROLES = ("matrix", "embedding", "head", "scalar", "lambda", "value_embed")
 SCHEDULE_KEYS = ("schedule", "lr", "min_lr", "warmup_steps", "decay_steps", "cooldown_fraction",
                  *(f"{role}_lr" for role in ROLES))
 
@@ -42,12 +42,16 @@ def lr_at(step: int, optim: OptimSection, max_steps: int) -> float:
     return optim.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (optim.lr - optim.min_lr)
 
 
-def muon_momentum_at(step: int, optim: OptimSection) -> float:
-    """Muon's momentum: linear from ``muon_momentum_start`` to ``muon_momentum`` over its warmup steps."""
-    if step >= optim.muon_momentum_warmup_steps:
-        return optim.muon_momentum
-    fraction = step / optim.muon_momentum_warmup_steps
-    return optim.muon_momentum_start + fraction * (optim.muon_momentum - optim.muon_momentum_start)
+def muon_momentum_at(step: int, optim: OptimSection, max_steps: int) -> float:
+    """Muon's momentum: linear from ``muon_momentum_start`` to ``muon_momentum`` over its warmup steps, then back
+    down to ``muon_momentum_start`` over the last ``muon_momentum_cooldown_steps`` steps (reached on the last)."""
+    high, low = optim.muon_momentum, optim.muon_momentum_start
+    if step < optim.muon_momentum_warmup_steps:
+        return low + step / optim.muon_momentum_warmup_steps * (high - low)
+    cooldown = optim.muon_momentum_cooldown_steps
+    if cooldown and step >= max_steps - cooldown:
+        return high - min(1.0, (step - (max_steps - cooldown) + 1) / cooldown) * (high - low)
+    return high
 
 
 def schedule_settings(optim: OptimSection, max_steps: int) -> dict:
