@@ -26,10 +26,11 @@ Per rank, in bytes (N parameters; FSDP divides the first three by the world size
 - the head and loss at their peak, with N_t = B·T rows and V the (padded) vocabulary: the chunked loss keeps the
   logits (a·N_t·V) and writes their gradient (a·N_t·V) while 3 fp32 chunks of ≤ 256 MB are alive (4 with a soft
   cap); the reference loss's backward holds 4 fp32 [N_t, V] tensors (log-probabilities, their gradient, the
-  softmax's temporaries; 5 with a soft cap, whose tanh is kept);
+  softmax's temporaries; 5 with a tanh soft cap, whose tanh is kept; 8 with the algebraic one);
 - DDP: gradient buckets (4N: accelerate's DDP copies gradients into buckets); FSDP: the unsharded parameters and
   gradients of the root (embeddings, head) and of two blocks (the current one and the prefetched one);
-- the optimizer step's temporaries: Muon's Nesterov updates and their orthogonalised copies (2 × its matrices).
+- the optimizer step's temporaries: Muon's Nesterov updates and their orthogonalised copies (2 × its matrices),
+  and the largest same-shape bucket's Newton–Schulz working set (3 × the bucket: Muon stacks each shape).
 
 Total = weights + gradients + optimizer state + DDP/FSDP buffers + max(activations + loss peak, optimizer step).
 Gradients count in full during the backward: exact under gradient accumulation (earlier micro-steps' gradients
@@ -80,6 +81,7 @@ class Counts:
 
     total: int
     muon: int  # hidden matrices (Muon's when optim.optimizer = muon)
+    muon_bucket: int  # the largest set of same-shape hidden matrices: Muon orthogonalises each set stacked
     multiplied: int  # weights the forward multiplies by (linear layers and the head): autocast's bf16 copies
     root: int  # outside the repeated blocks (embeddings, head, final norm): FSDP's root unit
     block: int  # one block
@@ -93,8 +95,12 @@ def _counts(model_fields: tuple) -> Counts:
     params = dict(model.named_parameters())
     block = sum(p.numel() for p in model.blocks[0].parameters())
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    buckets: dict[tuple, int] = {}
+    for name, role in roles.items():
+        if role == "matrix":
+            buckets[tuple(params[name].shape)] = buckets.get(tuple(params[name].shape), 0) + params[name].numel()
     return Counts(total=sum(p.numel() for p in params.values()),
-                  muon=sum(params[n].numel() for n, role in roles.items() if role == "matrix"),
+                  muon=sum(buckets.values()), muon_bucket=max(buckets.values(), default=0),
                   multiplied=linear, root=sum(p.numel() for p in params.values()) - len(model.blocks) * block,
                   block=block)
 
@@ -180,7 +186,10 @@ def loss_peak_bytes(config: Config, micro_batch_size: int, bf16: bool) -> int:
         chunk = min(rows, max(1, CHUNK_BYTES // (F32 * vocab))) * vocab * F32
         capped = bool(getattr(config.model, "logit_softcap", 0))  # a capped chunk keeps its tanh as well
         return 2 * a * rows * vocab + (CHUNKS_ALIVE + capped) * chunk
-    copies = REFERENCE_LOSS_COPIES + (1 if getattr(config.model, "logit_softcap", 0) else 0)
+    copies = REFERENCE_LOSS_COPIES
+    if getattr(config.model, "logit_softcap", 0):
+        # tanh keeps its output; the algebraic form keeps x, rsqrt(x² + cap²) and s, and its backward one more
+        copies += 4 if getattr(config.model, "logit_softcap_form", "tanh") == "algebraic" else 1
     return copies * F32 * rows * config.model.vocab_size
 
 
@@ -199,7 +208,10 @@ def estimate_memory(config: Config, world_size: int = 1, micro_batch_size: int |
         buffers = 2 * F32 * (n.root + 2 * n.block)  # unsharded parameters and their gradients in flight
     else:
         buffers = F32 * n.total if world_size > 1 else 0
-    step = F32 * muon * ((2 if o.muon_nesterov else 1) + (1 if world_size > 1 else 0))
+    # Nesterov's updates and every bucket's orthogonalised stack (all alive until the updates are applied), plus
+    # the largest bucket's working set: the stacked copy, its normalised copy and the iteration's new X.
+    bucket = n.muon_bucket if o.optimizer == "muon" else 0
+    step = F32 * (muon * ((2 if o.muon_nesterov else 1) + (1 if world_size > 1 else 0)) + 3 * bucket)
     if not o.fused:
         step = max(step, F32 * (n.total - muon))  # foreach AdamW: one temporary per state
     return MemoryEstimate(
