@@ -7,7 +7,8 @@ An orchestrator: each concern has its own home, and this file puts them in order
 - ``checkpoint.py``: a checkpoint is a dict of stateful pieces (model, optimizers, loader, counters, guard);
 - ``optim/schedules.py``: the LR as a pure function of the step, and the resume-time check of its settings;
 - ``evaluation.py``, ``metrics.py``, ``logs.py``, ``eta.py``: what is measured and where it is written;
-- ``signals.py`` (SIGTERM/SIGINT), ``memory.py`` (what to say when a step does not fit in the GPU).
+- ``signals.py`` (SIGTERM/SIGINT), ``memory_estimate.py`` (memory per rank before the first step, and what to say
+  when a step does not fit in the GPU); ``slurm.py`` (a group from srun's variables).
 
 One optimizer step: ``grad_accum`` micro-batches (no gradient all-reduce until the last; each micro-step's logits
 are dropped before the next forward), global gradient-norm clipping (no norm at all when ``optim.grad_clip`` is
