@@ -170,13 +170,8 @@ def naive_muon(params, grads, bufs, lr, mu, wd, nesterov, steps=5, moments=None,
         p.copy_(torch.where(keep, p * (1 - lr * wd), p) - lr * math.sqrt(max(1, rows / cols)) * O)
 
 
-@pytest.mark.parametrize("nesterov", [True, False])
-def test_matches_naive_reference(nesterov):
-    """Equal to 1e-6, not bit for bit: the reference uses its own arithmetic (μB + (1−μ)g rather than lerp, the
-    polynomial unfused and associated differently), so rounding differs by ulps (about 2e-7 after 10 steps)."""
-    lr, mu, wd = 0.02, 0.9, 0.1
-    model, ref = toy_model(), toy_model()
-    opt = Muon(model.parameters(), lr=lr, momentum=mu, weight_decay=wd, nesterov=nesterov)
+def train_beside_naive(model, opt, ref, lr, mu, wd, nesterov, **naive) -> None:
+    """10 steps of ``opt`` on ``model`` and of ``naive_muon`` on ``ref``, on the same batches."""
     bufs = [torch.zeros_like(p) for p in ref.parameters()]
     for step in range(10):
         train_step(model, opt, step)
@@ -185,7 +180,17 @@ def test_matches_naive_reference(nesterov):
         x, y = batch(step)
         nn.functional.mse_loss(ref(x), y).backward()
         with torch.no_grad():
-            naive_muon(list(ref.parameters()), [p.grad for p in ref.parameters()], bufs, lr, mu, wd, nesterov)
+            naive_muon(list(ref.parameters()), [p.grad for p in ref.parameters()], bufs, lr, mu, wd, nesterov, **naive)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_matches_naive_reference(nesterov):
+    """Equal to 1e-6, not bit for bit: the reference uses its own arithmetic (μB + (1−μ)g rather than lerp, the
+    polynomial unfused and associated differently), so rounding differs by ulps (about 2e-7 after 10 steps)."""
+    lr, mu, wd = 0.02, 0.9, 0.1
+    model, ref = toy_model(), toy_model()
+    opt = Muon(model.parameters(), lr=lr, momentum=mu, weight_decay=wd, nesterov=nesterov)
+    train_beside_naive(model, opt, ref, lr, mu, wd, nesterov)
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
     assert not torch.equal(model[0].weight, toy_model()[0].weight)
@@ -197,17 +202,8 @@ def test_normuon_and_cautious_decay_match_the_naive_reference(normuon, cautious)
     model, ref = toy_model(), toy_model()
     opt = Muon(model.parameters(), lr=lr, momentum=mu, weight_decay=wd, normuon=normuon, beta2=beta2,
                cautious_wd=cautious)
-    bufs = [torch.zeros_like(p) for p in ref.parameters()]
     moments = [torch.zeros(p.size(0)) for p in ref.parameters()] if normuon else None
-    for step in range(10):
-        train_step(model, opt, step)
-        for p in ref.parameters():
-            p.grad = None
-        x, y = batch(step)
-        nn.functional.mse_loss(ref(x), y).backward()
-        with torch.no_grad():
-            naive_muon(list(ref.parameters()), [p.grad for p in ref.parameters()], bufs, lr, mu, wd, True,
-                       moments=moments, beta2=beta2, cautious=cautious)
+    train_beside_naive(model, opt, ref, lr, mu, wd, True, moments=moments, beta2=beta2, cautious=cautious)
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, atol=2e-6, rtol=0)
     plain = toy_model()
