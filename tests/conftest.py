@@ -83,3 +83,19 @@ def write_synthetic_shards(directory):
         split = "val" if i == 0 else "train"
         write_shard(directory / f"synthetic_{split}_{i:06d}.bin", tokens.astype(np.uint16))
     return directory
+
+
+def after_adamw_update(update: int, damage):
+    """A patched ``AdamW.step`` that calls ``damage(optimizer)`` (under no_grad) after its ``update``-th call: the
+    weights a huge LR would leave, for the guard's tests."""
+    real_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == update:
+            with torch.no_grad():
+                damage(self)
+        return out
+
+    return step

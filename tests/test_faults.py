@@ -17,6 +17,7 @@ import time
 
 import pytest
 import torch
+from conftest import after_adamw_update
 from test_train import config, metric_losses, tiny_overrides
 
 from gpt2forge import runs
@@ -342,17 +343,10 @@ def test_lock_records_left_behind(tmp_path):
 # ---------------------------------------------------------------- divergence and spikes
 def poison_after(update: int):
     """A patched AdamW step whose ``update``-th call leaves a NaN in the weights (as a huge LR would)."""
-    real_step, calls = torch.optim.AdamW.step, {"n": 0}
+    def poison(optimizer):
+        optimizer.param_groups[0]["params"][0].view(-1)[0] = float("nan")
 
-    def step(self, *args, **kwargs):
-        out = real_step(self, *args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == update:
-            with torch.no_grad():
-                self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
-        return out
-
-    return step
+    return after_adamw_update(update, poison)
 
 
 def test_an_update_that_poisons_the_weights_stops_the_run_and_is_never_saved(data_dir, tmp_path, monkeypatch):

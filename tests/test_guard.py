@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from conftest import after_adamw_update
 from test_faults import QUICK, run_main
 from test_train import config, tiny_overrides
 
@@ -72,19 +73,8 @@ def test_a_huge_lr_on_resume_stops_nonzero_keeps_the_healthy_checkpoint_and_it_t
 
 def explode_update(update: int, factor: float = 1e3):
     """A patched AdamW step whose ``update``-th call scales the weights: finite, absurd (as a huge LR leaves them)."""
-    real_step, calls = torch.optim.AdamW.step, {"n": 0}
-
-    def step(self, *args, **kwargs):
-        out = real_step(self, *args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == update:
-            with torch.no_grad():
-                for group in self.param_groups:
-                    for p in group["params"]:
-                        p.mul_(factor)
-        return out
-
-    return step
+    return after_adamw_update(update, lambda opt: torch._foreach_mul_(
+        [p for group in opt.param_groups for p in group["params"]], factor))
 
 
 def test_an_update_that_breaks_the_weights_right_before_a_save_is_never_saved(data_dir, tmp_path, monkeypatch):
