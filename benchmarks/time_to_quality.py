@@ -8,7 +8,8 @@ in a lossless vocabulary of GPT-2's most frequent tokens plus bytes, so the voca
 the parameters; every arm's attention heads are 128 wide (the width track 3's attention scale of 0.12 is tuned for).
 
 - ``tiny``: 4 layers × 128 wide, 2,048-token vocabulary, 2,048 tokens per step, N = 100 steps (minutes per run).
-- ``larger``: 4 layers × 256 wide, 4,096-token vocabulary, 8,192 tokens per step, N = 200 steps (not run yet).
+- ``larger``: 4 layers × 256 wide, 4,096-token vocabulary, 8,192 tokens per step, N = 100 steps (~6 minutes per
+  run at N on one core: 3.3 s per baseline step, 4.3 s per modern step).
 - ``quick`` (``--quick``): a micro model on a few pages of text, the whole protocol in about a minute (the tests).
 
 **Protocol**, for every arm:
@@ -21,8 +22,9 @@ the parameters; every arm's attention heads are 128 wide (the width track 3's at
    compressed to its length (a WSD or cosine run stopped early is not a shorter run: its LR never decayed).
 3. A curve L(t) = E + A·(t/N)^−α fitted per arm to the mean final losses across fractions (least squares).
    Target L* = the baseline's mean loss at N. Tokens to target = where the arm's curve reaches L*, as a fraction of
-   N; its 95% interval is a bootstrap over seeds (each point's seeds and the baseline's drawn with replacement,
-   the curve refitted). Loss at equal tokens (N) with its interval likewise.
+   N; its 95% interval is a bootstrap over seeds, paired: each draw resamples the seeds once for every arm and
+   fraction (a seed fixes the data order, which all arms share), and refits the curves. Loss at equal tokens (N)
+   with its interval likewise; differences between arms come from the same paired draws.
 
 Losses are scored after training on the same tokens for every run, on three validation sets: the training
 corpus's own (``prose``), Python's reference manual (``topics``: English the runs never saw) and, with
@@ -31,9 +33,9 @@ the scored tokens decode to, over ln 2: comparable across vocabularies). Runs ar
 never trained twice, so an interrupted benchmark resumes. Results: ``time-to-quality-<tier>.{json,md,png}``
 and ``ablation-<tier>.md`` in ``--results``.
 
-    python benchmarks/time_to_quality.py --tier tiny                       # all arms: ~3 h on 2 cores
+    python benchmarks/time_to_quality.py --tier tiny                       # all 11 arms: ~1 h on 2 cores
     python benchmarks/time_to_quality.py --tier tiny --arms baseline,modern
-    python benchmarks/time_to_quality.py --tier tiny --arm "cwd=--optim.cautious_weight_decay=true"
+    python benchmarks/time_to_quality.py --tier tiny --arm "wd01=--optim.matrix_weight_decay=0.1"
     python benchmarks/time_to_quality.py --quick --work /tmp/ttq --results /tmp/ttq-results
 """
 
@@ -83,7 +85,7 @@ def _shape(layers: int, width: int, seq: int, batch: int, micro: int) -> dict:
 
 TIERS = {
     "tiny": Tier(2048, 100, 32768, _shape(4, 128, 256, 2048, 8), "4 layers × 128 wide, heads of 128"),
-    "larger": Tier(4096, 200, 65536, _shape(4, 256, 256, 8192, 16), "4 layers × 256 wide, heads of 128"),
+    "larger": Tier(4096, 100, 65536, _shape(4, 256, 256, 8192, 16), "4 layers × 256 wide, heads of 128"),
     "quick": Tier(320, 8, 4096, {**_shape(1, 32, 32, 128, 4), "model.n_head": 1}, "1 layer × 32 wide (smoke test)"),
 }
 
@@ -96,18 +98,41 @@ class Arm:
     about: str
 
 
+def _modern_optim(**changes) -> dict:
+    """Every optimizer and schedule field of the modern recipe, as overrides for another recipe."""
+    from dataclasses import asdict
+
+    optim = asdict(load_config("quickstart-modern").optim)
+    return {f"optim.{k}": v for k, v in {**optim, **changes}.items() if v is not None}
+
+
+# Step counts in an arm's overrides are for N steps; shorter runs scale them (see ``schedule_overrides``).
 # A tied table is also the head: it takes track 3's head LR (0.004), never the untied embedding's 0.7.
 ARMS = {a.name: a for a in (
     Arm("baseline", "quickstart", {}, "GPT-2 architecture, AdamW, cosine (the quickstart recipe)"),
     Arm("modern", "quickstart-modern", {}, "track 3: modern architecture, Muon + AdamW, WSD, untied head"),
-    Arm("modern-gpt2arch", "quickstart-modern", {"model.arch": "gpt2", "optim.embedding_lr": 0.004},
-        "architecture off: GPT-2's (tied head) with the modern optimizer and schedule"),
+    Arm("modern-gpt2arch", "quickstart", _modern_optim(embedding_lr=0.004),
+        "architecture off: GPT-2's (tied head, learned positions, LayerNorm, GELU, no soft cap) with the modern "
+        "optimizer and schedule"),
     Arm("modern-adamw", "quickstart-modern", {"optim.optimizer": "adamw", "optim.matrix_lr": 0.003},
         "optimizer off: AdamW for the hidden matrices too (LR 0.003, the quickstart's)"),
     Arm("modern-cosine", "quickstart-modern", {"optim.schedule": "cosine"},
         "schedule off: cosine decay instead of WSD (no warmup, as the recipe)"),
     Arm("modern-tied", "quickstart-modern", {"model.tie_embeddings": True, "optim.embedding_lr": 0.004},
         "untied head off: one matrix for embedding and head"),
+    # The next tier: each switch on top of the full modern recipe.
+    Arm("modern+momentum", "quickstart-modern", {"optim.muon_momentum_start": 0.85,
+                                                  "optim.muon_momentum_warmup_steps": 35,
+                                                  "optim.muon_momentum_cooldown_steps": 6},
+        "+ Muon momentum warmup 0.85→0.95 over 35% of the run and back down over the last 6%"),
+    Arm("modern+cautious", "quickstart-modern", {"optim.muon_cautious_wd": True},
+        "+ cautious weight decay on Muon's matrices (only where update and weight agree in sign)"),
+    Arm("modern+normuon", "quickstart-modern", {"optim.muon_normuon": True},
+        "+ NorMuon: per-row second-moment normalisation of Muon's output (β2 0.95)"),
+    Arm("modern+scalars", "quickstart-modern", {"model.residual_scalars": True, "optim.lambda_lr": 0.04},
+        "+ per-layer residual and x0 scalars (x ← λr·x + λ0·x0, LR 0.04)"),
+    Arm("modern+value-embeds", "quickstart-modern", {"model.value_embeds": 1},
+        "+ value embeddings: one gated table added to attention's values on alternating layers"),
 )}
 
 
@@ -149,12 +174,25 @@ def lr_overrides(ctx: Context, arm: Arm, mult: float, steps: int) -> dict:
     base = ctx.arm_config(arm)
     o = base.optim
     out = {"optim.lr": o.lr * mult, "optim.min_lr": ctx.floor * o.lr * mult}
-    for role in ("matrix", "embedding", "head", "scalar"):
+    for role in ("matrix", "embedding", "head", "scalar", "lambda", "value_embed"):
         value = getattr(o, f"{role}_lr")
         if value is not None:
             out[f"optim.{role}_lr"] = value * mult
+    out.update(schedule_overrides(ctx, arm, steps))
+    return out
+
+
+def schedule_overrides(ctx: Context, arm: Arm, steps: int) -> dict:
+    """A run of ``steps`` keeps its arm's schedule shape: the LR warmup at the recipe's fraction of its run, the
+    Muon momentum warmup and cooldown (given for N steps in the arm) at their fractions of N."""
     recipe = load_config(arm.recipe)
-    out["optim.warmup_steps"] = round(recipe.optim.warmup_steps / recipe.train.max_steps * steps)
+    warmup = arm.overrides.get("optim.warmup_steps", recipe.optim.warmup_steps)
+    out = {"optim.warmup_steps": round(warmup / recipe.train.max_steps * steps)}
+    if "optim.warmup_steps" in arm.overrides:  # given for N steps, as the arm's other step counts
+        out["optim.warmup_steps"] = round(warmup * steps / ctx.steps)
+    for key in ("optim.muon_momentum_warmup_steps", "optim.muon_momentum_cooldown_steps"):
+        if arm.overrides.get(key):
+            out[key] = round(int(arm.overrides[key]) * steps / ctx.steps)
     return out
 
 
@@ -314,8 +352,15 @@ def analyse(arm_runs: dict, fractions: list[float], valset: str, draws: int, rng
             out[arm] = {"fit": params, "tokens_to_target": tokens_to(params, target), "loss_at_n": float(means[-1])}
         return out
 
+    # Paired over seeds: one resample of the seeds per draw, shared by every arm and fraction. A seed fixes the
+    # data order (and the initial state of the modules arms share), so arms compared at the same seeds differ
+    # by less than their own spreads: resampling each arm alone would hide effects of a few hundredths.
+    seeds = len(next(iter(next(iter(arm_runs.values())).values())))
     point = estimate(lambda n: np.arange(n))
-    boot = [estimate(lambda n: rng.integers(0, n, n)) for _ in range(draws)]
+    boot = []
+    for _ in range(draws):
+        draw = rng.integers(0, seeds, seeds)
+        boot.append(estimate(lambda n, d=draw: d if n == seeds else rng.integers(0, n, n)))
 
     def interval(values):
         values = np.array(values, dtype=float)

@@ -112,3 +112,46 @@ def test_quick_benchmark_follows_the_protocol(tmp_path):
             assert arm["tokens_to_target"] == pytest.approx(ttq.tokens_to(arm["fit"], target))
             lo, hi = arm["tokens_to_target_interval"]
             assert lo <= hi
+
+
+def test_every_built_in_arm_is_its_recipe_with_one_part_switched():
+    ctx = ttq.Context(ttq.TIERS["tiny"], Path("."), {}, Path("."), 100, 0.1,
+                      {**ttq.TIERS["tiny"].overrides, "model.vocab_size": 2048, "model.vocab_multiple": 1})
+    modern = ctx.arm_config(ttq.ARMS["modern"])
+    for name, arm in ttq.ARMS.items():
+        config = ctx.arm_config(arm)  # every arm's config loads (model keys its architecture accepts)
+        assert config.model.n_embd == 128 and config.model.n_embd // config.model.n_head == 128
+        if name.startswith("modern") and name != "modern-adamw":
+            assert config.optim.optimizer == "muon"
+    gpt2arch = ctx.arm_config(ttq.ARMS["modern-gpt2arch"])
+    assert gpt2arch.model.arch == "gpt2"
+    for key in ("schedule", "matrix_lr", "beta1", "weight_decay", "muon_ns", "grad_clip", "warmup_steps"):
+        assert getattr(gpt2arch.optim, key) == getattr(modern.optim, key), key
+    assert gpt2arch.optim.embedding_lr == modern.optim.head_lr  # a tied table is also the head
+
+
+def test_shorter_runs_keep_the_arm_schedule_shape():
+    ctx = ttq.Context(ttq.TIERS["tiny"], Path("."), {}, Path("."), 100, 0.1)
+    momentum = ttq.ARMS["modern+momentum"]  # 35 warmup and 6 cooldown steps of N = 100
+    assert ttq.schedule_overrides(ctx, momentum, 100) == {
+        "optim.warmup_steps": 0, "optim.muon_momentum_warmup_steps": 35, "optim.muon_momentum_cooldown_steps": 6}
+    assert ttq.schedule_overrides(ctx, momentum, 20) == {
+        "optim.warmup_steps": 0, "optim.muon_momentum_warmup_steps": 7, "optim.muon_momentum_cooldown_steps": 1}
+    baseline = load_config("quickstart")  # the LR warmup keeps the recipe's fraction of its run
+    expected = round(baseline.optim.warmup_steps / baseline.train.max_steps * 50)
+    assert ttq.schedule_overrides(ctx, ttq.ARMS["baseline"], 50) == {"optim.warmup_steps": expected}
+
+
+def test_arms_are_compared_on_paired_seeds():
+    """Two arms whose losses share a large per-seed offset and differ by a constant 0.02: the paired bootstrap's
+    interval for the difference is that constant; resampling each arm's seeds alone would span ±0.3."""
+    offsets = [0.0, 0.3, -0.3, 0.15, -0.15]
+
+    def runs(shift):
+        return {f: [{"steps": int(100 * f), "tokens": int(100 * f), "val": {"prose": {
+            "loss": 3 + shift + 0.5 * f ** -0.5 + o, "bpb": 1.0}}} for o in offsets] for f in (1.0, 0.5, 0.25)}
+
+    result = ttq.analyse({"baseline": runs(0.5), "modern": runs(0.0), "other": runs(0.02)}, [1.0, 0.5, 0.25],
+                         "prose", 200, np.random.default_rng(0))
+    lo, hi = result["arms"]["other"]["vs_modern"]["loss_at_n_interval"]
+    assert lo == pytest.approx(0.02, abs=1e-9) and hi == pytest.approx(0.02, abs=1e-9)
