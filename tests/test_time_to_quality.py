@@ -155,3 +155,5 @@ def test_arms_are_compared_on_paired_seeds():
                          "prose", 200, np.random.default_rng(0))
     lo, hi = result["arms"]["other"]["vs_modern"]["loss_at_n_interval"]
     assert lo == pytest.approx(0.02, abs=1e-9) and hi == pytest.approx(0.02, abs=1e-9)
+    lo, hi = result["arms"]["other"]["vs_modern"]["tokens_ratio_at_modern_interval"]
+    assert 1 < lo <= hi < 1.2  # worse by a constant: more tokens to the modern recipe's loss at N, in every draw
