@@ -366,8 +366,8 @@ def analyse(arm_runs: dict, fractions: list[float], valset: str, draws: int, rng
         draw = rng.integers(0, seeds, seeds)
         boot.append(estimate(lambda n, d=draw: d if n == seeds else rng.integers(0, n, n)))
 
-    def interval(values):
-        values = np.array(values, dtype=float)
+    def interval(values):  # a ratio of two curves that never reach the target (inf / inf) counts as never
+        values = np.nan_to_num(np.array(values, dtype=float), nan=np.inf)
         return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
 
     result = {"target": point["target"], "target_interval": interval([b["target"] for b in boot]), "arms": {}}
@@ -436,6 +436,18 @@ def step_cost(ctx: Context, rounds: int, steps: int) -> dict:
     medians = {name: statistics.median(ms) for name, ms in times.items()}
     return {"ms_per_step": medians, "samples": times, "ratio": medians["modern"] / medians["baseline"],
             "how": f"{rounds} rounds of {steps} steps each, alternating order, median per recipe"}
+
+
+def earlier_step_cost(path: Path, tier: str) -> dict:
+    """The per-step comparison of an earlier results file, marked as taken from it."""
+    try:
+        earlier = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--timing-from {path}: cannot read it ({e})") from None
+    if earlier.get("tier") != tier or not earlier.get("step_cost"):
+        raise UserError(f"--timing-from {path}: not a {tier}-tier result with a per-step timing")
+    cost = earlier["step_cost"]
+    return {**cost, "how": f"{cost['how']}; measured at {earlier['time']} for {Path(path).name}"}
 
 
 def _ci(value, interval, fmt="{:.4f}") -> str:
@@ -604,6 +616,9 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="runs trained side by side (processes)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--no-timing", action="store_true", help="skip the per-step wall-clock comparison")
+    parser.add_argument("--timing-from", type=Path, metavar="JSON",
+                        help="take the per-step comparison from an earlier results file of the same tier (measured "
+                             "on a quiet machine) instead of timing again")
     parser.add_argument("--note", default="", help="what was (not) run, written into the results")
     parser.add_argument("--work", type=Path, default=Path("out/time-to-quality"), help="where runs are kept")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
@@ -678,7 +693,8 @@ def run(args) -> int:
         "sweep_seeds": sweep_seeds, "fractions": fractions, "floor": args.floor, "bootstrap": args.bootstrap,
         "valsets": valsets, "arms": result_arms, "analysis": analysis,
         "runs": [r for runs in arm_runs.values() for rs in runs.values() for r in rs],
-        "step_cost": None if args.no_timing else step_cost(ctx, 2 if args.quick else 4, 2 if args.quick else 3),
+        "step_cost": (earlier_step_cost(args.timing_from, tier_name) if args.timing_from else None if args.no_timing
+                      else step_cost(ctx, 2 if args.quick else 4, 2 if args.quick else 3)),
         "png": out.with_suffix(".png").name,
     }
     for s in result_arms.values():  # JSON keys are strings
