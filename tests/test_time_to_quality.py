@@ -157,3 +157,15 @@ def test_arms_are_compared_on_paired_seeds():
     assert lo == pytest.approx(0.02, abs=1e-9) and hi == pytest.approx(0.02, abs=1e-9)
     lo, hi = result["arms"]["other"]["vs_modern"]["tokens_ratio_at_modern_interval"]
     assert 1 < lo <= hi < 1.2  # worse by a constant: more tokens to the modern recipe's loss at N, in every draw
+
+
+def test_timing_from_an_earlier_result_is_marked_and_checked(tmp_path):
+    earlier = tmp_path / "time-to-quality-tiny.json"
+    earlier.write_text(json.dumps({"tier": "tiny", "time": "2026-12-05T03:17:15+00:00", "step_cost": {
+        "ms_per_step": {"baseline": 254, "modern": 378}, "ratio": 1.49, "how": "4 rounds"}}))
+    cost = ttq.earlier_step_cost(earlier, "tiny")
+    assert cost["ratio"] == 1.49 and "2026-12-05T03:17:15" in cost["how"]
+    with pytest.raises(ttq.UserError, match="not a larger-tier result"):
+        ttq.earlier_step_cost(earlier, "larger")
+    with pytest.raises(ttq.UserError, match="cannot read"):
+        ttq.earlier_step_cost(tmp_path / "missing.json", "tiny")
