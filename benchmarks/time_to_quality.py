@@ -447,7 +447,7 @@ def earlier_step_cost(path: Path, tier: str) -> dict:
     if earlier.get("tier") != tier or not earlier.get("step_cost"):
         raise UserError(f"--timing-from {path}: not a {tier}-tier result with a per-step timing")
     cost = earlier["step_cost"]
-    return {**cost, "how": f"{cost['how']}; measured at {earlier['time']} for {Path(path).name}"}
+    return {**cost, "how": f"{cost['how']}; measured at {earlier['time']}"}
 
 
 def _ci(value, interval, fmt="{:.4f}") -> str:
@@ -576,7 +576,9 @@ def plot(result: dict, path: Path) -> None:
     names = list(result["analysis"])
     fig = Figure(figsize=(6 * len(names), 4.2), dpi=120, layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(names)))
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f"]
+    from matplotlib import colormaps
+
+    colors = [colormaps["tab20"](i % 20) for i in range(len(result["arms"]))]  # one per arm, however many
     for ax, vname in zip(axes, names):
         vs = result["analysis"][vname]
         ax.axhline(vs["target"], color="#555555", linestyle="--", linewidth=1, label=f"L* = {vs['target']:.3f}")
