@@ -400,6 +400,19 @@ def analyse(arm_runs: dict, fractions: list[float], valset: str, draws: int, rng
     return result
 
 
+def screen_at_n(runs: list[dict], modern: list[dict], valsets: dict, draws: int, rng) -> dict:
+    """An arm's loss at N minus the modern recipe's, seed by seed (same seeds, same data order), with a paired
+    bootstrap interval of the mean difference: ``{valset: {"loss", "delta", "interval"}}``."""
+    out = {}
+    for name in valsets:
+        arm = np.array([r["val"][name]["loss"] for r in runs])
+        delta = arm - np.array([r["val"][name]["loss"] for r in modern])
+        boot = [float(np.mean(delta[rng.integers(0, len(delta), len(delta))])) for _ in range(draws)]
+        out[name] = {"loss": float(np.mean(arm)), "delta": float(np.mean(delta)),
+                     "interval": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]}
+    return {"val": out}
+
+
 def parameter_split(ctx: Context, arm: Arm) -> dict:
     """Parameters of the arm's model: all, and those in vocabulary-sized matrices (embedding, head)."""
     from gpt2forge.models import build_model
@@ -567,6 +580,19 @@ def ablation_markdown(result: dict) -> str:
                          f"{_ci(arm['loss_at_n'], arm['loss_at_n_interval'])} | {delta} | {dbpb} | "
                          f"{_frac(arm['tokens_to_target'], arm['tokens_to_target_interval'])} | {ratio} | {near} |")
         lines.append("")
+    if result.get("screen"):
+        names = list(a)
+        lines += ["## Screened at N only", "",
+                  "Trained at N with the modern arm's best LR multiplier (not swept for the arm), every seed; Δ = the "
+                  "arm's loss at N minus the modern recipe's, seed by seed, mean [95% paired bootstrap interval]. "
+                  "No curve, so no tokens-to-target: a screen, not the whole protocol.", "",
+                  "| arm | what | LR multiplier | " + " | ".join(f"{n}: loss · Δ (nats)" for n in names) + " |",
+                  "|---|---|---:|" + "---:|" * len(names)]
+        for name, sc in result["screen"].items():
+            cells = [f"{sc['val'][n]['loss']:.4f} · {_ci(sc['val'][n]['delta'], sc['val'][n]['interval'], '{:+.4f}')}"
+                     for n in names]
+            lines.append(f"| {name} | {sc['about']} | {sc['mult']:g} | " + " | ".join(cells) + " |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -604,6 +630,10 @@ def main() -> int:
     parser.add_argument("--arms", default=",".join(ARMS), help=f"built-in arms to run (of {', '.join(ARMS)})")
     parser.add_argument("--arm", action="append", default=[], metavar="NAME=OVERRIDES",
                         help="an extra arm: the modern recipe with these overrides, e.g. 'x=--optim.foo=1'")
+    parser.add_argument("--screen", default="", metavar="ARMS",
+                        help="arms (built-in names or --arm names) only screened: trained at N with the modern arm's "
+                             "best LR, every seed, and compared with it at N (no sweep, no curve; for a tier too "
+                             "slow for the whole protocol)")
     parser.add_argument("--steps", type=int, help="N (default: the tier's)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--sweep-seeds", type=int, default=1, help="how many of the seeds the LR sweep runs")
@@ -647,6 +677,11 @@ def run(args) -> int:
     if None in arms or "baseline" not in args.arms.split(","):
         raise UserError(f"--arms: choose from {', '.join(ARMS)}, baseline included")
     arms += [parse_arm(text) for text in args.arm]
+    names = [n for n in args.screen.split(",") if n]
+    screened = [a for a in arms if a.name in names] + [ARMS[n] for n in names if n in ARMS and ARMS[n] not in arms]
+    if len(screened) < len(names) or (screened and "modern" not in args.arms.split(",")):
+        raise UserError(f"--screen {args.screen}: name built-in arms or --arm names, with modern in --arms")
+    arms = [a for a in arms if a not in screened]
     work = args.work / tier_name
     if args.quick:  # a few of the reference manual's pages: real English, tokenized in a second
         topics = proxy_data.topics_documents()
@@ -684,6 +719,15 @@ def run(args) -> int:
                               "params": parameter_split(ctx, arm), "sweep": sweeps[arm.name]} for arm in arms}
     rng = np.random.default_rng(0)
     analysis = {name: analyse(arm_runs, fractions, name, args.bootstrap, rng) for name in valsets}
+    screen = {}
+    if screened:
+        mult = sweeps["modern"]["best"]
+        jobs = [(arm, mult, ctx.steps, seed) for arm in screened for seed in seeds]
+        done = run_many(ctx, jobs, args.workers, args.threads)
+        for arm in screened:
+            runs = [r for job, r in zip(jobs, done) if job[0] is arm]
+            screen[arm.name] = {"about": arm.about, "overrides": arm.overrides, "mult": mult, "runs": runs,
+                                **screen_at_n(runs, arm_runs["modern"][1.0], valsets, args.bootstrap, rng)}
     first = ctx.arm_config(ARMS["baseline"])
     out = args.results / f"time-to-quality-{tier_name}"
     result = {
@@ -693,7 +737,7 @@ def run(args) -> int:
         "versions": library_versions(), "steps": ctx.steps, "tokens_per_step": first.train.total_batch_tokens,
         "vocab": meta["size"], "data_note": data_note, "data_stats": meta["stats"], "seeds": seeds,
         "sweep_seeds": sweep_seeds, "fractions": fractions, "floor": args.floor, "bootstrap": args.bootstrap,
-        "valsets": valsets, "arms": result_arms, "analysis": analysis,
+        "valsets": valsets, "arms": result_arms, "analysis": analysis, "screen": screen,
         "runs": [r for runs in arm_runs.values() for rs in runs.values() for r in rs],
         "step_cost": (earlier_step_cost(args.timing_from, tier_name) if args.timing_from else None if args.no_timing
                       else step_cost(ctx, 2 if args.quick else 4, 2 if args.quick else 3)),

@@ -66,7 +66,8 @@ def test_quick_benchmark_follows_the_protocol(tmp_path):
     results, work = tmp_path / "results", tmp_path / "w"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "time_to_quality.py"), "--quick", "--work", str(work),
            "--results", str(results), "--arms", "baseline,modern", "--seeds", "0,1", "--fractions", "1,0.5,0.25",
-           "--lr-mults", "0.02,0.04", "--max-extend", "2", "--bootstrap", "50", "--no-timing"]
+           "--lr-mults", "0.02,0.04", "--max-extend", "2", "--bootstrap", "50", "--no-timing",
+           "--screen", "modern-tied"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads((results / "time-to-quality-quick.json").read_text())
@@ -88,6 +89,18 @@ def test_quick_benchmark_follows_the_protocol(tmp_path):
         assert run["tokens"] == run["steps"] * data["tokens_per_step"]
     assert sorted({(r["arm"], r["steps"], r["seed"]) for r in data["runs"] if r["steps"] < data["steps"]}) == [
         (arm, steps, seed) for arm in ("baseline", "modern") for steps in (2, 4) for seed in (0, 1)]
+
+    screened = data["screen"]["modern-tied"]  # at N, at modern's LR, every seed, compared seed by seed
+    modern_n = sorted((r["seed"], r) for r in data["runs"] if r["arm"] == "modern" and r["steps"] == data["steps"]
+                      and r["mult"] == data["arms"]["modern"]["sweep"]["best"])
+    assert [(r["seed"], r["steps"], r["mult"]) for r in screened["runs"]] == [
+        (seed, data["steps"], data["arms"]["modern"]["sweep"]["best"]) for seed in (0, 1)]
+    for name in data["valsets"]:
+        deltas = [a["val"][name]["loss"] - m["val"][name]["loss"] for a, (_, m) in zip(screened["runs"], modern_n)]
+        assert screened["val"][name]["delta"] == pytest.approx(np.mean(deltas))
+        lo, hi = screened["val"][name]["interval"]
+        assert min(deltas) - 1e-9 <= lo <= hi <= max(deltas) + 1e-9
+    assert "modern-tied" not in data["arms"] and "## Screened at N only" in (results / "ablation-quick.md").read_text()
 
     meta = json.loads((work / "quick" / "data" / "vocab.json").read_text())
     vocab = proxy_data.ProxyVocab(meta["gpt2_ids"])
