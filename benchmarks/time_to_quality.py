@@ -8,8 +8,8 @@ in a lossless vocabulary of GPT-2's most frequent tokens plus bytes, so the voca
 the parameters; every arm's attention heads are 128 wide (the width track 3's attention scale of 0.12 is tuned for).
 
 - ``tiny``: 4 layers × 128 wide, 2,048-token vocabulary, 2,048 tokens per step, N = 100 steps (minutes per run).
-- ``larger``: 4 layers × 256 wide, 4,096-token vocabulary, 8,192 tokens per step, N = 100 steps (~6 minutes per
-  run at N on one core: 3.3 s per baseline step, 4.3 s per modern step).
+- ``larger``: 4 layers × 256 wide, 4,096-token vocabulary, 8,192 tokens per step, N = 100 steps (6–8 minutes per
+  run at N on one core; baseline and modern through the whole protocol ~1.5 h on 2 cores).
 - ``quick`` (``--quick``): a micro model on a few pages of text, the whole protocol in about a minute (the tests).
 
 **Protocol**, for every arm:
@@ -36,7 +36,11 @@ and ``ablation-<tier>.md`` in ``--results``.
     python benchmarks/time_to_quality.py --tier tiny                       # all 11 arms: ~1 h on 2 cores
     python benchmarks/time_to_quality.py --tier tiny --arms baseline,modern
     python benchmarks/time_to_quality.py --tier tiny --arm "wd01=--optim.matrix_weight_decay=0.1"
+    python benchmarks/time_to_quality.py --tier larger --arms baseline,modern --screen modern+normuon
     python benchmarks/time_to_quality.py --quick --work /tmp/ttq --results /tmp/ttq-results
+
+``--screen`` trains an arm at N only, at the modern arm's LR, for every seed, and compares it with the modern recipe
+seed by seed: a cheap first look on a tier too slow for the whole protocol, reported apart from it.
 """
 
 from __future__ import annotations
@@ -367,7 +371,7 @@ def analyse(arm_runs: dict, fractions: list[float], valset: str, draws: int, rng
         boot.append(estimate(lambda n, d=draw: d if n == seeds else rng.integers(0, n, n)))
 
     def interval(values):  # a ratio of two curves that never reach the target (inf / inf) counts as never
-        values = np.nan_to_num(np.array(values, dtype=float), nan=np.inf)
+        values = np.nan_to_num(np.array(values, dtype=float), nan=np.inf, posinf=np.inf)
         return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
 
     result = {"target": point["target"], "target_interval": interval([b["target"] for b in boot]), "arms": {}}
