@@ -189,14 +189,17 @@ def lr_overrides(ctx: Context, arm: Arm, mult: float, steps: int) -> dict:
 def schedule_overrides(ctx: Context, arm: Arm, steps: int) -> dict:
     """A run of ``steps`` keeps its arm's schedule shape: the LR warmup at the recipe's fraction of its run, the
     Muon momentum warmup and cooldown (given for N steps in the arm) at their fractions of N."""
-    recipe = load_config(arm.recipe)
-    warmup = arm.overrides.get("optim.warmup_steps", recipe.optim.warmup_steps)
-    out = {"optim.warmup_steps": round(warmup / recipe.train.max_steps * steps)}
-    if "optim.warmup_steps" in arm.overrides:  # given for N steps, as the arm's other step counts
-        out["optim.warmup_steps"] = round(warmup * steps / ctx.steps)
+    def scaled(key: str) -> int:  # a step count the arm gives for N steps (a string when given by --arm)
+        return round(int(arm.overrides[key]) * steps / ctx.steps)
+
+    if "optim.warmup_steps" in arm.overrides:
+        out = {"optim.warmup_steps": scaled("optim.warmup_steps")}
+    else:
+        recipe = load_config(arm.recipe)
+        out = {"optim.warmup_steps": round(recipe.optim.warmup_steps / recipe.train.max_steps * steps)}
     for key in ("optim.muon_momentum_warmup_steps", "optim.muon_momentum_cooldown_steps"):
-        if arm.overrides.get(key):
-            out[key] = round(int(arm.overrides[key]) * steps / ctx.steps)
+        if int(arm.overrides.get(key, 0)):
+            out[key] = scaled(key)
     return out
 
 
@@ -326,6 +329,13 @@ def fit_curve(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float] | None
     return tuple(float(v) for v in result.x)
 
 
+def interval(values) -> list[float]:
+    """The 95% percentile interval of bootstrap draws; a ratio of two curves that never reach the target
+    (inf / inf) counts as never."""
+    values = np.nan_to_num(np.array(values, dtype=float), nan=np.inf, posinf=np.inf)
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+
+
 def tokens_to(params, target: float) -> float:
     """Fraction of N at which the fitted curve reaches ``target`` (inf when it never does)."""
     if params is None:
@@ -370,10 +380,6 @@ def analyse(arm_runs: dict, fractions: list[float], valset: str, draws: int, rng
         draw = rng.integers(0, seeds, seeds)
         boot.append(estimate(lambda n, d=draw: d if n == seeds else rng.integers(0, n, n)))
 
-    def interval(values):  # a ratio of two curves that never reach the target (inf / inf) counts as never
-        values = np.nan_to_num(np.array(values, dtype=float), nan=np.inf, posinf=np.inf)
-        return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
-
     result = {"target": point["target"], "target_interval": interval([b["target"] for b in boot]), "arms": {}}
     for arm, runs in arm_runs.items():
         p = point[arm]
@@ -406,14 +412,13 @@ def analyse(arm_runs: dict, fractions: list[float], valset: str, draws: int, rng
 
 def screen_at_n(runs: list[dict], modern: list[dict], valsets: dict, draws: int, rng) -> dict:
     """An arm's loss at N minus the modern recipe's, seed by seed (same seeds, same data order), with a paired
-    bootstrap interval of the mean difference: ``{valset: {"loss", "delta", "interval"}}``."""
+    bootstrap interval of the mean difference: ``{"val": {valset: {"loss", "delta", "interval"}}}``."""
     out = {}
     for name in valsets:
         arm = np.array([r["val"][name]["loss"] for r in runs])
         delta = arm - np.array([r["val"][name]["loss"] for r in modern])
         boot = [float(np.mean(delta[rng.integers(0, len(delta), len(delta))])) for _ in range(draws)]
-        out[name] = {"loss": float(np.mean(arm)), "delta": float(np.mean(delta)),
-                     "interval": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]}
+        out[name] = {"loss": float(np.mean(arm)), "delta": float(np.mean(delta)), "interval": interval(boot)}
     return {"val": out}
 
 

@@ -153,6 +153,8 @@ def test_shorter_runs_keep_the_arm_schedule_shape():
     baseline = load_config("quickstart")  # the LR warmup keeps the recipe's fraction of its run
     expected = round(baseline.optim.warmup_steps / baseline.train.max_steps * 50)
     assert ttq.schedule_overrides(ctx, ttq.ARMS["baseline"], 50) == {"optim.warmup_steps": expected}
+    given = ttq.parse_arm("w=--optim.warmup_steps=10 --optim.muon_momentum_cooldown_steps=6")  # --arm's strings
+    assert ttq.schedule_overrides(ctx, given, 50) == {"optim.warmup_steps": 5, "optim.muon_momentum_cooldown_steps": 3}
 
 
 def test_arms_are_compared_on_paired_seeds():
