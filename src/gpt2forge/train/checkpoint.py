@@ -109,6 +109,10 @@ def read_piece(piece: Piece, path: Path):
                         "checkpoint with --resume PATH") from None
 
 
+def _inner(wrapped: torch.nn.Module) -> torch.nn.Module:
+    return getattr(wrapped, "module", wrapped)  # DDP's inner module; FSDP2 shards in place
+
+
 class ModelPiece:
     """The model: its full (unsharded) state dict, gathered from FSDP shards when sharded, for a full checkpoint
     (``config`` goes into the weights file's metadata); its own shards (DTensors) for a sharded one."""
@@ -120,7 +124,7 @@ class ModelPiece:
 
     @property
     def module(self) -> torch.nn.Module:
-        return getattr(self.wrapped, "module", self.wrapped)  # DDP's inner module; FSDP2 shards in place
+        return _inner(self.wrapped)
 
     def state_dict(self) -> dict:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -187,7 +191,7 @@ class OptimizersPiece:
             self.refuse_other_optimizers(list(state))
         except UserError as e:
             return str(e)
-        model = getattr(self.wrapped, "module", self.wrapped)
+        model = _inner(self.wrapped)
         names = {id(p): n for n, p in model.named_parameters()}
         for name, opt in self.optimizers.items():
             mine = [sorted(names[id(p)] for p in group["params"]) for group in opt.param_groups]
@@ -432,6 +436,14 @@ class Checkpoints:
         path = _publish(tmp, final, self.keep_last)
         log.info("saved checkpoint %s", path)
         return path
+
+    def finish_or_warn(self) -> None:
+        """``finish`` while the run is stopping anyway: a failed save is logged, not raised over the stop's own
+        message."""
+        try:
+            self.finish()
+        except CheckpointSaveError as e:
+            log.warning("%s", e)
 
     def finish(self) -> None:
         """Wait for the save in flight (if any) to be written and published; its failure is raised on every

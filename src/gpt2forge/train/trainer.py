@@ -316,10 +316,7 @@ class Trainer:
             raise TrainingStopped(f"{self.guard.bad_steps_what(self.step)}. {self.advice()}")
 
     def advice(self) -> str:
-        try:  # the advice names the newest checkpoint: one still being written first
-            self.checkpoints.finish()
-        except ckpt.CheckpointSaveError as e:
-            log.warning("%s", e)
+        self.checkpoints.finish_or_warn()  # the advice names the newest checkpoint: one still being written first
         return stop_advice(self.last_checkpoint, self.rundir.resume_command, self.config.optim)
 
     def log_evaluation(self) -> float | None:
@@ -424,10 +421,7 @@ class Trainer:
         """Close the run's files and release its directory (safe to call more than once). A checkpoint still being
         written is finished first: it was saved from a healthy state."""
         if getattr(self, "checkpoints", None) is not None:
-            try:
-                self.checkpoints.finish()
-            except ckpt.CheckpointSaveError as e:
-                log.warning("%s", e)
+            self.checkpoints.finish_or_warn()
             self.checkpoints.close()
         if getattr(self, "loader", None) is not None:
             self.loader.close()
