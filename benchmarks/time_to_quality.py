@@ -203,14 +203,21 @@ def schedule_overrides(ctx: Context, arm: Arm, steps: int) -> dict:
     return out
 
 
+def run_digest(config) -> str:
+    """What a run trains, every resolved field but where it is written: an edited recipe is a new run, while an
+    override that restates the recipe's value is the same one."""
+    fields = config.to_dict()
+    fields["log"] = {k: v for k, v in fields["log"].items() if k not in ("out_dir", "run_name")}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
 def run_once(ctx: Context, arm: Arm, mult: float, steps: int, seed: int) -> dict:
     """Train one run (its own full schedule) unless it already finished; then score it on every val set."""
     from gpt2forge.train.trainer import TrainingStopped, train
 
     overrides = {**ctx.common, **arm.overrides, **lr_overrides(ctx, arm, mult, steps), "train.max_steps": steps,
                  "train.seed": seed}
-    digest = hashlib.sha256(json.dumps(overrides, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    name = f"{arm.name}-x{mult:g}-n{steps}-s{seed}-{digest}"
+    name = f"{arm.name}-x{mult:g}-n{steps}-s{seed}-{run_digest(load_config(arm.recipe, _flags(overrides)))}"
     run_dir = ctx.work / name
     config = load_config(arm.recipe, _flags({**overrides, "log.out_dir": ctx.work, "log.run_name": name}))
     run = {"arm": arm.name, "mult": mult, "steps": steps, "seed": seed, "run_dir": str(run_dir),
@@ -432,44 +439,51 @@ def parameter_split(ctx: Context, arm: Arm) -> dict:
     return {"total": total, "vocab_matrices": vocab, "other": total - vocab}
 
 
-def step_cost(ctx: Context, rounds: int, steps: int) -> dict:
-    """Milliseconds per step of the baseline and the modern recipe, timed in alternating blocks (ABBA…) on the
-    same machine, so drifting foreign load hits both alike: the median of each, and their ratio."""
+def step_cost(ctx: Context, arms: list[Arm], rounds: int, steps: int, compile: bool = False) -> dict:
+    """Milliseconds per step of each arm (the baseline among them), timed in blocks whose order reverses every round
+    (ABC CBA …) on the same machine, so drifting foreign load hits all alike: the median of each, its ratio to the
+    baseline's, and how many other cores were busy. ``compile``: the model through torch.compile, as the 124M
+    recipes train (the proxy's runs themselves are eager)."""
     from gpt2forge.bench.measure import timed
     from gpt2forge.train.trainer import Trainer
 
-    trainers = {}
-    for name in ("baseline", "modern"):
-        arm = ARMS[name]
-        overrides = {**ctx.common, **arm.overrides, "log.out_dir": ctx.work / "timing", "log.run_name": name,
-                     "train.max_steps": 1_000_000, "train.restart": True, "log.every": 1_000_000}
-        trainers[name] = Trainer(load_config(arm.recipe, _flags(overrides)))
-        trainers[name].run(until=2)  # warm up
-    times = {name: [] for name in trainers}
+    trainers, times, others = {}, {a.name: [] for a in arms}, {a.name: [] for a in arms}
     try:
+        for arm in arms:
+            overrides = {**ctx.common, **arm.overrides, "log.out_dir": ctx.work / "timing", "log.run_name": arm.name,
+                         "train.max_steps": 1_000_000, "train.restart": True, "log.every": 1_000_000,
+                         "train.compile": compile}
+            trainers[arm.name] = Trainer(load_config(arm.recipe, _flags(overrides)))
+            trainers[arm.name].run(until=2)  # warm up (and compile)
         for r in range(rounds):
             for name in list(trainers) if r % 2 == 0 else list(trainers)[::-1]:
                 trainer = trainers[name]
-                ms, _ = timed(lambda t=trainer: t.run(until=t.step + steps), 1, trainer.parallel.device)
+                ms, busy = timed(lambda t=trainer: t.run(until=t.step + steps), 1, trainer.parallel.device)
                 times[name].append(ms / steps)
+                others[name].append(busy)
     finally:
         for trainer in trainers.values():
             trainer.close()
     medians = {name: statistics.median(ms) for name, ms in times.items()}
-    return {"ms_per_step": medians, "samples": times, "ratio": medians["modern"] / medians["baseline"],
-            "how": f"{rounds} rounds of {steps} steps each, alternating order, median per recipe"}
+    ratios = {name: ms / medians["baseline"] for name, ms in medians.items() if name != "baseline"}
+    return {"ms_per_step": medians, "samples": times, "other_cores": others, "ratios": ratios,
+            "ratio": ratios.get("modern"), "how": f"{'compiled' if compile else 'eager'}; {rounds} rounds of {steps} "
+                                                   "steps each, order reversed every round, median per arm"}
 
 
 def earlier_step_cost(path: Path, tier: str) -> dict:
-    """The per-step comparison of an earlier results file, marked as taken from it."""
+    """The per-step comparisons of an earlier results file (eager, and compiled where it has one), marked as
+    taken from it."""
     try:
         earlier = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"--timing-from {path}: cannot read it ({e})") from None
     if earlier.get("tier") != tier or not earlier.get("step_cost"):
         raise UserError(f"--timing-from {path}: not a {tier}-tier result with a per-step timing")
-    cost = earlier["step_cost"]
-    return {**cost, "how": f"{cost['how']}; measured at {earlier['time']}"}
+    costs = earlier["step_cost"]
+    if "ms_per_step" in costs:  # written before the compiled timing: one eager comparison of two arms
+        costs = {"eager": {**costs, "ratios": {"modern": costs["ratio"]}}}
+    return {mode: {**c, "how": f"{c['how']}; measured at {earlier['time']}"} for mode, c in costs.items()}
 
 
 def _ci(value, interval, fmt="{:.4f}") -> str:
@@ -554,10 +568,10 @@ def to_markdown(result: dict) -> str:
             lines.append(f"- {vname}: loss at N baseline {b['loss_at_n']:.4f}, modern {mm['loss_at_n']:.4f} nats/token "
                          f"({gap:+.4f} nats = {gap * k:+.4f} bits/byte in the modern recipe's favour); tokens to "
                          f"the baseline's loss {_frac(mm['tokens_to_target'], mm['tokens_to_target_interval'])}.")
-    c = result.get("step_cost")
-    if c:
+    for c in (result.get("step_cost") or {}).values():
+        arms = ", ".join(f"{name} {c['ms_per_step'][name]:.0f} ms = **{r:.2f}×**" for name, r in c["ratios"].items())
         lines.append(f"- Wall-clock per step on this CPU ({c['how']}): baseline {c['ms_per_step']['baseline']:.0f} "
-                     f"ms, modern {c['ms_per_step']['modern']:.0f} ms = **{c['ratio']:.2f}×** (target ≤ 1.3×).")
+                     f"ms, {arms} (target ≤ 1.3×).")
     lines += ["", f"![validation loss against tokens]({result['png']})", ""]
     return "\n".join(lines)
 
@@ -656,7 +670,8 @@ def main() -> int:
                         help="HellaSwag val jsonl: its text is a third validation set (default: shared/data's)")
     parser.add_argument("--workers", type=int, default=2, help="runs trained side by side (processes)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    parser.add_argument("--no-timing", action="store_true", help="skip the per-step wall-clock comparison")
+    parser.add_argument("--no-timing", action="store_true",
+                        help="skip the per-step wall-clock comparisons (eager and compiled)")
     parser.add_argument("--timing-from", type=Path, metavar="JSON",
                         help="take the per-step comparison from an earlier results file of the same tier (measured "
                              "on a quiet machine) instead of timing again")
@@ -749,7 +764,8 @@ def run(args) -> int:
         "valsets": valsets, "arms": result_arms, "analysis": analysis, "screen": screen,
         "runs": [r for runs in arm_runs.values() for rs in runs.values() for r in rs],
         "step_cost": (earlier_step_cost(args.timing_from, tier_name) if args.timing_from else None if args.no_timing
-                      else step_cost(ctx, 2 if args.quick else 4, 2 if args.quick else 3)),
+                      else {mode: step_cost(ctx, arms, 2 if args.quick else 4, 2 if args.quick else 3, compile)
+                            for mode, compile in (("eager", False), ("compiled", True))}),
         "png": out.with_suffix(".png").name,
     }
     for s in result_arms.values():  # JSON keys are strings

@@ -7,12 +7,14 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from gpt2forge.config import load_config
+from gpt2forge.config import RECIPES_DIR, load_config
 from gpt2forge.data.loader import val_batches
 from gpt2forge.models import IGNORE_INDEX
 from gpt2forge.tokenizer import get_tokenizer
@@ -143,6 +145,19 @@ def test_every_built_in_arm_is_its_recipe_with_one_part_switched():
     assert gpt2arch.optim.embedding_lr == modern.optim.head_lr  # a tied table is also the head
 
 
+def test_a_run_is_cached_under_what_it_trains(tmp_path):
+    """The run's name hashes its resolved config: restating a recipe value or moving the run is the same run,
+    editing the recipe (here: a copy with another momentum) is a new one."""
+    recipe = RECIPES_DIR / "quickstart-modern.toml"
+    edited = tmp_path / "quickstart-modern.toml"
+    edited.write_text(recipe.read_text().replace("muon_momentum = 0.95", "muon_momentum = 0.9"))
+    digest = ttq.run_digest(load_config("quickstart-modern"))
+    assert ttq.run_digest(load_config("quickstart-modern", ["--optim.muon_momentum=0.95"])) == digest
+    assert ttq.run_digest(load_config("quickstart-modern", ["--log.out_dir=elsewhere", "--log.run_name=x"])) == digest
+    assert ttq.run_digest(load_config(str(edited))) != digest
+    assert ttq.run_digest(load_config(str(edited), ["--optim.muon_momentum=0.95"])) == digest
+
+
 def test_shorter_runs_keep_the_arm_schedule_shape():
     ctx = ttq.Context(ttq.TIERS["tiny"], Path("."), {}, Path("."), 100, 0.1)
     momentum = ttq.ARMS["modern+momentum"]  # 35 warmup and 6 cooldown steps of N = 100
@@ -178,9 +193,44 @@ def test_timing_from_an_earlier_result_is_marked_and_checked(tmp_path):
     earlier = tmp_path / "time-to-quality-tiny.json"
     earlier.write_text(json.dumps({"tier": "tiny", "time": "2026-12-05T03:17:15+00:00", "step_cost": {
         "ms_per_step": {"baseline": 254, "modern": 378}, "ratio": 1.49, "how": "4 rounds"}}))
-    cost = ttq.earlier_step_cost(earlier, "tiny")
-    assert cost["ratio"] == 1.49 and "2026-12-05T03:17:15" in cost["how"]
+    cost = ttq.earlier_step_cost(earlier, "tiny")  # an old file's one eager comparison
+    assert list(cost) == ["eager"] and cost["eager"]["ratios"] == {"modern": 1.49}
+    assert "2026-12-05T03:17:15" in cost["eager"]["how"]
+    earlier.write_text(json.dumps({"tier": "tiny", "time": "2026-12-06T00:00:00+00:00", "step_cost": cost}))
+    again = ttq.earlier_step_cost(earlier, "tiny")
+    assert again["eager"]["ratios"] == {"modern": 1.49} and "2026-12-06" in again["eager"]["how"]
     with pytest.raises(ttq.UserError, match="not a larger-tier result"):
         ttq.earlier_step_cost(earlier, "larger")
     with pytest.raises(ttq.UserError, match="cannot read"):
         ttq.earlier_step_cost(tmp_path / "missing.json", "tiny")
+
+
+def test_step_cost_times_every_arm_in_reversing_order_and_compiles_when_asked(monkeypatch):
+    built, order = [], []
+
+    class FakeTrainer:  # a step of "modern" costs 3 units, of the others 2
+        def __init__(self, config):
+            built.append(config)
+            self.step, self.name, self.parallel = 0, config.log.run_name, type("P", (), {"device": torch.device("cpu")})
+
+        def run(self, until):
+            if self.step >= 2:
+                order.append(self.name)
+            time.sleep((3 if self.name == "modern" else 2) * 0.01 * (until - self.step))
+            self.step = until
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr("gpt2forge.train.trainer.Trainer", FakeTrainer)
+    ctx = ttq.Context(ttq.TIERS["tiny"], Path("."), {}, Path("."), 100, 0.1,
+                      {**ttq.TIERS["tiny"].overrides, "model.vocab_size": 2048, "model.vocab_multiple": 1})
+    arms = [ttq.ARMS[n] for n in ("baseline", "modern", "modern-tied")]
+    cost = ttq.step_cost(ctx, arms, rounds=2, steps=2, compile=True)
+    assert all(c.train.compile for c in built) and [c.log.run_name for c in built] == [a.name for a in arms]
+    assert order == ["baseline", "modern", "modern-tied", "modern-tied", "modern", "baseline"]
+    assert cost["ratios"]["modern"] == pytest.approx(1.5, rel=0.15) and cost["ratio"] == cost["ratios"]["modern"]
+    assert cost["ratios"]["modern-tied"] == pytest.approx(1.0, rel=0.15) and "compiled" in cost["how"]
+    built.clear()
+    assert "eager" in ttq.step_cost(ctx, arms[:2], rounds=1, steps=1)["how"]
+    assert not any(c.train.compile for c in built)
