@@ -110,38 +110,44 @@ def _modern_optim(**changes) -> dict:
     return {f"optim.{k}": v for k, v in {**optim, **changes}.items() if v is not None}
 
 
+# The `modern` arm is track 3 as published, whatever the recipe adopts on top of it (the recipe's own choice is an
+# arm below): every arm on the modern recipe starts from these values, so the arms stay comparable with the runs
+# already made (a run is cached under its resolved config, see ``run_digest``).
+TRACK3 = {"optim.muon_normuon": False}
+
+
 # Step counts in an arm's overrides are for N steps; shorter runs scale them (see ``schedule_overrides``).
 # A tied table is also the head: it takes track 3's head LR (0.004), never the untied embedding's 0.7.
 ARMS = {a.name: a for a in (
     Arm("baseline", "quickstart", {}, "GPT-2 architecture, AdamW, cosine (the quickstart recipe)"),
-    Arm("modern", "quickstart-modern", {}, "track 3: modern architecture, Muon + AdamW, WSD, untied head"),
-    Arm("modern-gpt2arch", "quickstart", _modern_optim(embedding_lr=0.004),
+    Arm("modern", "quickstart-modern", TRACK3, "track 3: modern architecture, Muon + AdamW, WSD, untied head"),
+    Arm("modern-gpt2arch", "quickstart", _modern_optim(embedding_lr=0.004, muon_normuon=False),
         "architecture off: GPT-2's (tied head, learned positions, LayerNorm, GELU, no soft cap) with the modern "
         "optimizer and schedule"),
-    Arm("modern-adamw", "quickstart-modern", {"optim.optimizer": "adamw", "optim.matrix_lr": 0.003},
+    Arm("modern-adamw", "quickstart-modern", {**TRACK3, "optim.optimizer": "adamw", "optim.matrix_lr": 0.003},
         "optimizer off: AdamW for the hidden matrices too (LR 0.003, the quickstart's)"),
-    Arm("modern-cosine", "quickstart-modern", {"optim.schedule": "cosine"},
+    Arm("modern-cosine", "quickstart-modern", {**TRACK3, "optim.schedule": "cosine"},
         "schedule off: cosine decay instead of WSD (no warmup, as the recipe)"),
-    Arm("modern-tied", "quickstart-modern", {"model.tie_embeddings": True, "optim.embedding_lr": 0.004},
+    Arm("modern-tied", "quickstart-modern", {**TRACK3, "model.tie_embeddings": True, "optim.embedding_lr": 0.004},
         "untied head off: one matrix for embedding and head"),
     # The next tier: each switch on top of the full modern recipe.
-    Arm("modern+momentum", "quickstart-modern", {"optim.muon_momentum_start": 0.85,
+    Arm("modern+momentum", "quickstart-modern", {**TRACK3, "optim.muon_momentum_start": 0.85,
                                                   "optim.muon_momentum_warmup_steps": 35,
                                                   "optim.muon_momentum_cooldown_steps": 6},
         "+ Muon momentum warmup 0.85→0.95 over 35% of the run and back down over the last 6%"),
-    Arm("modern+cautious", "quickstart-modern", {"optim.muon_cautious_wd": True},
+    Arm("modern+cautious", "quickstart-modern", {**TRACK3, "optim.muon_cautious_wd": True},
         "+ cautious weight decay on Muon's matrices (only where update and weight agree in sign)"),
-    Arm("modern+normuon", "quickstart-modern", {"optim.muon_normuon": True},
+    Arm("modern+normuon", "quickstart-modern", {**TRACK3, "optim.muon_normuon": True},
         "+ NorMuon: per-row second-moment normalisation of Muon's output (β2 0.95)"),
-    Arm("modern+scalars", "quickstart-modern", {"model.residual_scalars": True, "optim.lambda_lr": 0.04},
+    Arm("modern+scalars", "quickstart-modern", {**TRACK3, "model.residual_scalars": True, "optim.lambda_lr": 0.04},
         "+ per-layer residual and x0 scalars (x ← λr·x + λ0·x0, LR 0.04)"),
-    Arm("modern+value-embeds", "quickstart-modern", {"model.value_embeds": 1},
+    Arm("modern+value-embeds", "quickstart-modern", {**TRACK3, "model.value_embeds": 1},
         "+ value embeddings: one gated table added to attention's values on alternating layers"),
 )}
 
 
 def parse_arm(text: str) -> Arm:
-    """``name=--section.key=value ...``: the full modern recipe with those overrides."""
+    """``name=--section.key=value ...``: the `modern` arm (track 3) with those overrides."""
     name, sep, rest = text.partition("=")
     overrides = {}
     for item in rest.split():
@@ -151,7 +157,8 @@ def parse_arm(text: str) -> Arm:
         overrides[key] = value
     if not sep or not name or name in ARMS or not overrides:
         raise UserError(f"--arm {text!r} must look like NAME=--section.key=value ... with a new NAME")
-    return Arm(name, "quickstart-modern", overrides, "modern + " + " ".join(f"{k}={v}" for k, v in overrides.items()))
+    return Arm(name, "quickstart-modern", {**TRACK3, **overrides},
+               "modern + " + " ".join(f"{k}={v}" for k, v in overrides.items()))
 
 
 def _flags(overrides: dict) -> list[str]:
