@@ -219,7 +219,7 @@ def test_step_cost_times_every_arm_in_reversing_order_and_compiles_when_asked(mo
         def run(self, until):
             if self.step >= 2:
                 order.append(self.name)
-            time.sleep((3 if self.name == "modern" else 2) * 0.01 * (until - self.step))
+            time.sleep((3 if self.name == "modern" else 2) * 0.05 * (until - self.step))
             self.step = until
 
         def close(self):

@@ -9,10 +9,11 @@ out (EMA momentum 0.95 with the Nesterov blend, Newton–Schulz (2, −1.5, 0.5)
 weight decay 0.05), the LR flat and then linear to 0 over the last 70% of the steps.
 
 Our side is the package as a run uses it: ``ModernGPT`` with the chunked loss and ``build_optimizers`` with the
-optim section of ``quickstart-modern``, whose Adam ε and Muon normalisation guard are track 3's divided by the
-tokens per step (we average the loss, track 3 sums it). The same weights and batches go into both; fp32 on the
-CPU, where track 3 keeps its embedding in bf16 and runs Newton–Schulz in bf16. The vocabulary is unpadded (track
-3's softmax runs over its padded rows too; ours masks them).
+optim section of ``quickstart-modern`` with NorMuon off (the recipe adds it on top of track 3), whose Adam ε and
+Muon normalisation guard are track 3's divided by the tokens per step (we average the loss, track 3 sums it).
+The same weights and batches go into both; fp32 on the CPU, where track 3 keeps its embedding in bf16 and runs
+Newton–Schulz in bf16. The vocabulary is unpadded (track 3's softmax runs over its padded rows too; ours masks
+them).
 
 The zero-initialised out-projections and head start from small random values instead. With track 3's zeros the
 blocks' q, k, v and fc get no gradient for two steps and tiny ones after, which Adam's and Newton–Schulz's
@@ -163,7 +164,8 @@ def test_our_modern_step_is_track_3():
     o = recipe.optim  # track 3 sums the loss, we average: its ε and Muon's guard divided by the tokens per step
     assert (o.eps * recipe.train.total_batch_tokens, o.muon_ns_eps * recipe.train.total_batch_tokens) == (1e-10, 1e-7)
     tokens = BATCH * SEQ
-    optim = dataclasses.replace(o, eps=1e-10 / tokens, muon_ns_eps=1e-7 / tokens)
+    assert o.muon_normuon  # the one next-tier switch the recipe adopted on top of track 3; off, the step is track 3's
+    optim = dataclasses.replace(o, eps=1e-10 / tokens, muon_ns_eps=1e-7 / tokens, muon_normuon=False)
     model_fields = {k: v for k, v in recipe.model.to_dict().items()
                     if k not in ("arch", "n_layer", "n_head", "n_embd", "block_size", "vocab_size")}
     config = make_config("modern", n_layer=LAYERS, n_head=HEADS, n_embd=WIDTH, block_size=SEQ, vocab_size=VOCAB,
