@@ -1,7 +1,9 @@
 """Time to quality: how many tokens the modern recipe (and each of its parts) needs to reach the GPT-2 recipe's loss.
 
 A CPU proxy meant to resolve effects of a few percent. Every arm is a recipe plus config overrides, so any switch
-(``--arm name=--optim.x=... --model.y=...``, on top of the full modern recipe) can be measured the same way.
+(``--arm name=--optim.x=... --model.y=...``, on top of the `modern` arm) can be measured the same way. The `modern`
+arm is track 3 as published (``TRACK3``); what the shipped modern recipes adopt on top of it is an arm of its own
+(``modern+normuon``).
 
 **Setup** (``--tier``): English prose from Python's standard library (``proxy_data``: docstrings and comments),
 in a lossless vocabulary of GPT-2's most frequent tokens plus bytes, so the vocabulary matrices are a minority of
@@ -29,9 +31,10 @@ the parameters; every arm's attention heads are 128 wide (the width track 3's at
 Losses are scored after training on the same tokens for every run, on three validation sets: the training
 corpus's own (``prose``), Python's reference manual (``topics``: English the runs never saw) and, with
 ``--heldout``, HellaSwag's text. Each in nats per token and in bits per byte (total nats over the UTF-8 bytes
-the scored tokens decode to, over ln 2: comparable across vocabularies). Runs are kept under ``--work`` and
-never trained twice, so an interrupted benchmark resumes. Results: ``time-to-quality-<tier>.{json,md,png}``
-and ``ablation-<tier>.md`` in ``--results``.
+the scored tokens decode to, over ln 2: comparable across vocabularies). Runs are kept under ``--work``, named by
+their resolved config, and never trained twice, so an interrupted benchmark resumes. The per-step cost is timed
+apart, on the whole protocol's arms side by side, eager (as the proxy trains) and compiled (as the 124M recipes
+train). Results: ``time-to-quality-<tier>.{json,md,png}`` and ``ablation-<tier>.md`` in ``--results``.
 
     python benchmarks/time_to_quality.py --tier tiny                       # all 11 arms: ~1 h on 2 cores
     python benchmarks/time_to_quality.py --tier tiny --arms baseline,modern
@@ -474,8 +477,8 @@ def step_cost(ctx: Context, arms: list[Arm], rounds: int, steps: int, compile: b
     medians = {name: statistics.median(ms) for name, ms in times.items()}
     ratios = {name: ms / medians["baseline"] for name, ms in medians.items() if name != "baseline"}
     return {"ms_per_step": medians, "samples": times, "other_cores": others, "ratios": ratios,
-            "ratio": ratios.get("modern"), "how": f"{'compiled' if compile else 'eager'}; {rounds} rounds of {steps} "
-                                                   "steps each, order reversed every round, median per arm"}
+            "how": f"{'compiled' if compile else 'eager'}; {rounds} rounds of {steps} steps each, order reversed "
+                   "every round, median per arm"}
 
 
 def earlier_step_cost(path: Path, tier: str) -> dict:

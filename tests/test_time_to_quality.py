@@ -232,7 +232,7 @@ def test_step_cost_times_every_arm_in_reversing_order_and_compiles_when_asked(mo
     cost = ttq.step_cost(ctx, arms, rounds=2, steps=2, compile=True)
     assert all(c.train.compile for c in built) and [c.log.run_name for c in built] == [a.name for a in arms]
     assert order == ["baseline", "modern", "modern-tied", "modern-tied", "modern", "baseline"]
-    assert cost["ratios"]["modern"] == pytest.approx(1.5, rel=0.15) and cost["ratio"] == cost["ratios"]["modern"]
+    assert cost["ratios"]["modern"] == pytest.approx(1.5, rel=0.15)
     assert cost["ratios"]["modern-tied"] == pytest.approx(1.0, rel=0.15) and "compiled" in cost["how"]
     built.clear()
     assert "eager" in ttq.step_cost(ctx, arms[:2], rounds=1, steps=1)["how"]
