@@ -133,7 +133,7 @@ ARMS = {a.name: a for a in (
         "schedule off: cosine decay instead of WSD (no warmup, as the recipe)"),
     Arm("modern-tied", "quickstart-modern", {**TRACK3, "model.tie_embeddings": True, "optim.embedding_lr": 0.004},
         "untied head off: one matrix for embedding and head"),
-    # The next tier: each switch on top of the full modern recipe.
+    # The next tier: each switch on top of track 3 (the `modern` arm).
     Arm("modern+momentum", "quickstart-modern", {**TRACK3, "optim.muon_momentum_start": 0.85,
                                                   "optim.muon_momentum_warmup_steps": 35,
                                                   "optim.muon_momentum_cooldown_steps": 6},
@@ -662,7 +662,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="micro model on a few pages: the protocol in ~a minute")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"built-in arms to run (of {', '.join(ARMS)})")
     parser.add_argument("--arm", action="append", default=[], metavar="NAME=OVERRIDES",
-                        help="an extra arm: the modern recipe with these overrides, e.g. 'x=--optim.foo=1'")
+                        help="an extra arm: the modern arm (track 3) with these overrides, e.g. 'x=--optim.foo=1'")
     parser.add_argument("--screen", default="", metavar="ARMS",
                         help="arms (built-in names or --arm names) only screened: trained at N with the modern arm's "
                              "best LR, every seed, and compared with it at N (no sweep, no curve; for a tier too "
