@@ -42,8 +42,9 @@ train). Results: ``time-to-quality-<tier>.{json,md,png}`` and ``ablation-<tier>.
     python benchmarks/time_to_quality.py --tier larger --arms baseline,modern --screen modern+normuon
     python benchmarks/time_to_quality.py --quick --work /tmp/ttq --results /tmp/ttq-results
 
-``--screen`` trains an arm at N only, at the modern arm's LR, for every seed, and compares it with the modern recipe
-seed by seed: a cheap first look on a tier too slow for the whole protocol, reported apart from it.
+``--screen`` trains an arm at N only, for every seed, and compares it seed by seed with the arm of the whole protocol
+it builds on (``builds_on``: track 3 for a switch alone, NorMuon's arm for a switch added to NorMuon), at that arm's
+best LR: a cheap first look on a tier too slow for the whole protocol, reported apart from it.
 """
 
 from __future__ import annotations
@@ -166,6 +167,20 @@ def parse_arm(text: str) -> Arm:
 
 def _flags(overrides: dict) -> list[str]:
     return [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides.items()]
+
+
+def builds_on(arm: Arm, candidates: list[Arm]) -> Arm:
+    """The arm among ``candidates`` that ``arm`` adds to: same recipe, every one of its overrides also ``arm``'s,
+    the most of them. A screened switch is judged against what it would be added to (NorMuon's arm for a switch
+    on top of NorMuon), not against track 3."""
+    def said(a: Arm) -> set:
+        return {tuple(flag.split("=", 1)) for flag in _flags(a.overrides)}
+
+    parents = [c for c in candidates if c.recipe == arm.recipe and said(c) <= said(arm)]
+    if not parents:
+        raise UserError(f"--screen {arm.name}: no arm of the whole protocol it builds on (its recipe and a subset of "
+                        f"its overrides); add that arm to --arms")
+    return max(parents, key=lambda c: len(c.overrides))
 
 
 @dataclass
@@ -427,13 +442,13 @@ def analyse(arm_runs: dict, fractions: list[float], valset: str, draws: int, rng
     return result
 
 
-def screen_at_n(runs: list[dict], modern: list[dict], valsets: dict, draws: int, rng) -> dict:
-    """An arm's loss at N minus the modern recipe's, seed by seed (same seeds, same data order), with a paired
-    bootstrap interval of the mean difference: ``{"val": {valset: {"loss", "delta", "interval"}}}``."""
+def screen_at_n(runs: list[dict], base: list[dict], valsets: dict, draws: int, rng) -> dict:
+    """An arm's loss at N minus the loss of the arm it builds on, seed by seed (same seeds, same data order), with a
+    paired bootstrap interval of the mean difference: ``{"val": {valset: {"loss", "delta", "interval"}}}``."""
     out = {}
     for name in valsets:
         arm = np.array([r["val"][name]["loss"] for r in runs])
-        delta = arm - np.array([r["val"][name]["loss"] for r in modern])
+        delta = arm - np.array([r["val"][name]["loss"] for r in base])
         boot = [float(np.mean(delta[rng.integers(0, len(delta), len(delta))])) for _ in range(draws)]
         out[name] = {"loss": float(np.mean(arm)), "delta": float(np.mean(delta)), "interval": interval(boot)}
     return {"val": out}
@@ -616,15 +631,16 @@ def ablation_markdown(result: dict) -> str:
     if result.get("screen"):
         names = list(a)
         lines += ["## Screened at N only", "",
-                  "Trained at N with the modern arm's best LR multiplier (not swept for the arm), every seed; Δ = the "
-                  "arm's loss at N minus the modern recipe's, seed by seed, mean [95% paired bootstrap interval]. "
-                  "No curve, so no tokens-to-target: a screen, not the whole protocol.", "",
-                  "| arm | what | LR multiplier | " + " | ".join(f"{n}: loss · Δ (nats)" for n in names) + " |",
-                  "|---|---|---:|" + "---:|" * len(names)]
+                  "Trained at N with the best LR multiplier of the arm it builds on (not swept for the arm), every "
+                  "seed; Δ = the arm's loss at N minus that arm's, seed by seed, mean [95% paired bootstrap "
+                  "interval]. No curve, so no tokens-to-target: a screen, not the whole protocol.", "",
+                  "| arm | what | against | LR multiplier | " + " | ".join(f"{n}: loss · Δ (nats)" for n in names)
+                  + " |", "|---|---|---|---:|" + "---:|" * len(names)]
         for name, sc in result["screen"].items():
             cells = [f"{sc['val'][n]['loss']:.4f} · {_ci(sc['val'][n]['delta'], sc['val'][n]['interval'], '{:+.4f}')}"
                      for n in names]
-            lines.append(f"| {name} | {sc['about']} | {sc['mult']:g} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} | {sc['about']} | {sc.get('against', 'modern')} | {sc['mult']:g} | "
+                         + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -664,9 +680,9 @@ def main() -> int:
     parser.add_argument("--arm", action="append", default=[], metavar="NAME=OVERRIDES",
                         help="an extra arm: the modern arm (track 3) with these overrides, e.g. 'x=--optim.foo=1'")
     parser.add_argument("--screen", default="", metavar="ARMS",
-                        help="arms (built-in names or --arm names) only screened: trained at N with the modern arm's "
-                             "best LR, every seed, and compared with it at N (no sweep, no curve; for a tier too "
-                             "slow for the whole protocol)")
+                        help="arms (built-in names or --arm names) only screened: trained at N, every seed, at the "
+                             "best LR of the arm they build on, and compared with it at N (no sweep, no curve; for a "
+                             "tier too slow for the whole protocol)")
     parser.add_argument("--steps", type=int, help="N (default: the tier's)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--sweep-seeds", type=int, default=1, help="how many of the seeds the LR sweep runs")
@@ -713,9 +729,10 @@ def run(args) -> int:
     arms += [parse_arm(text) for text in args.arm]
     names = [n for n in args.screen.split(",") if n]
     screened = [a for a in arms if a.name in names] + [ARMS[n] for n in names if n in ARMS and ARMS[n] not in arms]
-    if len(screened) < len(names) or (screened and "modern" not in args.arms.split(",")):
-        raise UserError(f"--screen {args.screen}: name built-in arms or --arm names, with modern in --arms")
+    if len(screened) < len(names):
+        raise UserError(f"--screen {args.screen}: name built-in arms or --arm names")
     arms = [a for a in arms if a not in screened]
+    base = {arm.name: builds_on(arm, arms) for arm in screened}  # before any training: a missing one fails now
     work = args.work / tier_name
     if args.quick:  # a few of the reference manual's pages: real English, tokenized in a second
         topics = proxy_data.topics_documents()
@@ -755,13 +772,14 @@ def run(args) -> int:
     analysis = {name: analyse(arm_runs, fractions, name, args.bootstrap, rng) for name in valsets}
     screen = {}
     if screened:
-        mult = sweeps["modern"]["best"]
-        jobs = [(arm, mult, ctx.steps, seed) for arm in screened for seed in seeds]
+        mult = {arm.name: sweeps[base[arm.name].name]["best"] for arm in screened}
+        jobs = [(arm, mult[arm.name], ctx.steps, seed) for arm in screened for seed in seeds]
         done = run_many(ctx, jobs, args.workers, args.threads)
         for arm in screened:
             runs = [r for job, r in zip(jobs, done) if job[0] is arm]
-            screen[arm.name] = {"about": arm.about, "overrides": arm.overrides, "mult": mult, "runs": runs,
-                                **screen_at_n(runs, arm_runs["modern"][1.0], valsets, args.bootstrap, rng)}
+            screen[arm.name] = {"about": arm.about, "overrides": arm.overrides, "against": base[arm.name].name,
+                                "mult": mult[arm.name], "runs": runs,
+                                **screen_at_n(runs, arm_runs[base[arm.name].name][1.0], valsets, args.bootstrap, rng)}
     first = ctx.arm_config(ARMS["baseline"])
     out = args.results / f"time-to-quality-{tier_name}"
     result = {

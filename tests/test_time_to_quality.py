@@ -102,6 +102,7 @@ def test_quick_benchmark_follows_the_protocol(tmp_path):
         assert screened["val"][name]["delta"] == pytest.approx(np.mean(deltas))
         lo, hi = screened["val"][name]["interval"]
         assert min(deltas) - 1e-9 <= lo <= hi <= max(deltas) + 1e-9
+    assert screened["against"] == "modern"
     assert "modern-tied" not in data["arms"] and "## Screened at N only" in (results / "ablation-quick.md").read_text()
 
     meta = json.loads((work / "quick" / "data" / "vocab.json").read_text())
@@ -146,6 +147,16 @@ def test_every_built_in_arm_is_its_recipe_with_one_part_switched():
     for key in ("schedule", "matrix_lr", "beta1", "weight_decay", "muon_ns", "grad_clip", "warmup_steps"):
         assert getattr(gpt2arch.optim, key) == getattr(modern.optim, key), key
     assert gpt2arch.optim.embedding_lr == modern.optim.head_lr  # a tied table is also the head
+
+
+def test_a_screened_switch_is_compared_with_the_arm_it_builds_on():
+    whole = [ttq.ARMS[n] for n in ("baseline", "modern", "modern+normuon")]
+    assert ttq.builds_on(ttq.ARMS["modern+value-embeds"], whole).name == "modern"
+    both = ttq.parse_arm("both=--optim.muon_normuon=true --optim.muon_momentum_start=0.85")
+    assert ttq.builds_on(both, whole).name == "modern+normuon"  # momentum judged on top of NorMuon, not track 3
+    with pytest.raises(ttq.UserError, match="--screen both.*add that arm"):
+        ttq.builds_on(both, whole[:2])  # NorMuon's arm is not in the protocol: nothing it builds on
+    assert ttq.builds_on(ttq.ARMS["modern-gpt2arch"], whole).name == "baseline"  # the quickstart recipe's arm
 
 
 def test_a_run_is_cached_under_what_it_trains(tmp_path):
