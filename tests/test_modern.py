@@ -200,6 +200,25 @@ def test_mlp_activation(mlp, activation):
     torch.testing.assert_close(block_mlp(x), block_mlp.c_proj(activation(block_mlp.c_fc(x))))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_relu_squared_is_autograds_chain_bit_for_bit(dtype):
+    from gpt2forge.models.modern import relu_squared
+
+    h = torch.randn(4, 64, 96).to(dtype)
+    h[0, 0, :8] = 0.0  # the kink: relu's gradient there is 0 in both
+    grad = torch.randn_like(h)
+    outs = []
+    for f in (relu_squared, lambda x: F.relu(x).square()):
+        x = h.clone().requires_grad_()
+        y = f(x)
+        y.backward(grad)
+        outs.append((y.detach(), x.grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    x = h.clone().requires_grad_()
+    torch.compile(relu_squared, backend="aot_eager")(x).backward(grad)  # traceable: the compiled recipes use it
+    torch.testing.assert_close(x.grad, outs[1][1])
+
+
 def test_tied_and_untied_heads():
     untied, tied = model_of(small()), model_of(small(tie_embeddings=True))
     assert tied.lm_head.weight is tied.transformer.wte.weight
