@@ -33,8 +33,9 @@ corpus's own (``prose``), Python's reference manual (``topics``: English the run
 ``--heldout``, HellaSwag's text. Each in nats per token and in bits per byte (total nats over the UTF-8 bytes
 the scored tokens decode to, over ln 2: comparable across vocabularies). Runs are kept under ``--work``, named by
 their resolved config, and never trained twice, so an interrupted benchmark resumes. The per-step cost is timed
-apart, on the whole protocol's arms side by side, eager (as the proxy trains) and compiled (as the 124M recipes
-train). Results: ``time-to-quality-<tier>.{json,md,png}`` and ``ablation-<tier>.md`` in ``--results``.
+apart, on the whole protocol's arms side by side (or on ``--timing-arms``, screened arms included), eager (as the
+proxy trains) and compiled (as the 124M recipes train). Results: ``time-to-quality-<tier>.{json,md,png}`` and
+``ablation-<tier>.md`` in ``--results``.
 
     python benchmarks/time_to_quality.py --tier tiny                       # all 11 arms: ~1 h on 2 cores
     python benchmarks/time_to_quality.py --tier tiny --arms baseline,modern
@@ -496,6 +497,17 @@ def step_cost(ctx: Context, arms: list[Arm], rounds: int, steps: int, compile: b
                    "every round, median per arm"}
 
 
+def arms_to_time(names: str, whole: list[Arm], screened: list[Arm]) -> list[Arm]:
+    """The arms ``--timing-arms`` names (comma-separated; empty: every arm of the whole protocol), the baseline
+    always among them, in the order they were given to the benchmark."""
+    wanted = {n for n in names.split(",") if n}
+    chosen = [a for a in whole + screened if a.name == "baseline" or (a.name in wanted if wanted else a in whole)]
+    if unknown := wanted - {a.name for a in chosen}:
+        raise UserError(f"--timing-arms {names}: {', '.join(sorted(unknown))} not among the arms of --arms, --arm "
+                        "or --screen")
+    return chosen
+
+
 def earlier_step_cost(path: Path, tier: str) -> dict:
     """The per-step comparisons of an earlier results file (eager, and compiled where it has one), marked as
     taken from it."""
@@ -698,6 +710,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--no-timing", action="store_true",
                         help="skip the per-step wall-clock comparisons (eager and compiled)")
+    parser.add_argument("--timing-arms", default="", metavar="ARMS",
+                        help="arms whose per-step cost is timed, screened ones included (default: every arm of the "
+                             "whole protocol); the baseline always is")
     parser.add_argument("--timing-from", type=Path, metavar="JSON",
                         help="take the per-step comparison from an earlier results file of the same tier (measured "
                              "on a quiet machine) instead of timing again")
@@ -733,6 +748,7 @@ def run(args) -> int:
         raise UserError(f"--screen {args.screen}: name built-in arms or --arm names")
     arms = [a for a in arms if a not in screened]
     base = {arm.name: builds_on(arm, arms) for arm in screened}  # before any training: a missing one fails now
+    timing_arms = arms_to_time(args.timing_arms, arms, screened)
     work = args.work / tier_name
     if args.quick:  # a few of the reference manual's pages: real English, tokenized in a second
         topics = proxy_data.topics_documents()
@@ -792,7 +808,7 @@ def run(args) -> int:
         "valsets": valsets, "arms": result_arms, "analysis": analysis, "screen": screen,
         "runs": [r for runs in arm_runs.values() for rs in runs.values() for r in rs],
         "step_cost": (earlier_step_cost(args.timing_from, tier_name) if args.timing_from else None if args.no_timing
-                      else {mode: step_cost(ctx, arms, 2 if args.quick else 4, 2 if args.quick else 3, compile)
+                      else {mode: step_cost(ctx, timing_arms, 2 if args.quick else 4, 2 if args.quick else 3, compile)
                             for mode, compile in (("eager", False), ("compiled", True))}),
         "png": out.with_suffix(".png").name,
     }

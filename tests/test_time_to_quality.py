@@ -159,6 +159,15 @@ def test_a_screened_switch_is_compared_with_the_arm_it_builds_on():
     assert ttq.builds_on(ttq.ARMS["modern-gpt2arch"], whole).name == "baseline"  # the quickstart recipe's arm
 
 
+def test_timing_takes_the_named_arms_screened_ones_too_and_always_the_baseline():
+    whole = [ttq.ARMS[n] for n in ("baseline", "modern", "modern+normuon")]
+    pe = ttq.parse_arm("pe=--optim.muon_ns=polar_express")
+    assert ttq.arms_to_time("", whole, [pe]) == whole  # default: the whole protocol's arms
+    assert [a.name for a in ttq.arms_to_time("pe,modern", whole, [pe])] == ["baseline", "modern", "pe"]
+    with pytest.raises(ttq.UserError, match="--timing-arms .*nope"):
+        ttq.arms_to_time("modern,nope", whole, [pe])
+
+
 def test_a_run_is_cached_under_what_it_trains(tmp_path):
     """The run's name hashes its resolved config: restating a recipe value or moving the run is the same run,
     editing the recipe (here: a copy with another momentum) is a new one."""
