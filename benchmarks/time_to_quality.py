@@ -42,6 +42,7 @@ proxy trains) and compiled (as the 124M recipes train). Results: ``time-to-quali
     python benchmarks/time_to_quality.py --tier tiny --arm "wd01=--optim.matrix_weight_decay=0.1"
     python benchmarks/time_to_quality.py --tier larger --arms baseline,modern --screen modern+normuon
     python benchmarks/time_to_quality.py --quick --work /tmp/ttq --results /tmp/ttq-results
+    python benchmarks/time_to_quality.py --tier larger --arms baseline,modern --timing-only   # then --timing-from
 
 ``--screen`` trains an arm at N only, for every seed, and compares it seed by seed with the arm of the whole protocol
 it builds on (``builds_on``: track 3 for a switch alone, NorMuon's arm for a switch added to NorMuon), at that arm's
@@ -497,6 +498,15 @@ def step_cost(ctx: Context, arms: list[Arm], rounds: int, steps: int, compile: b
                    "every round, median per arm"}
 
 
+def step_cost_lines(costs: dict) -> list[str]:
+    lines = []
+    for c in costs.values():
+        arms = ", ".join(f"{name} {c['ms_per_step'][name]:.0f} ms = **{r:.2f}×**" for name, r in c["ratios"].items())
+        lines.append(f"- Wall-clock per step on this CPU ({c['how']}): baseline {c['ms_per_step']['baseline']:.0f} "
+                     f"ms, {arms} (target ≤ 1.3×).")
+    return lines
+
+
 def arms_to_time(names: str, whole: list[Arm], screened: list[Arm]) -> list[Arm]:
     """The arms ``--timing-arms`` names (comma-separated; empty: every arm of the whole protocol), the baseline
     always among them, in the order they were given to the benchmark."""
@@ -605,10 +615,7 @@ def to_markdown(result: dict) -> str:
             lines.append(f"- {vname}: loss at N baseline {b['loss_at_n']:.4f}, modern {mm['loss_at_n']:.4f} nats/token "
                          f"({gap:+.4f} nats = {gap * k:+.4f} bits/byte in the modern recipe's favour); tokens to "
                          f"the baseline's loss {_frac(mm['tokens_to_target'], mm['tokens_to_target_interval'])}.")
-    for c in (result.get("step_cost") or {}).values():
-        arms = ", ".join(f"{name} {c['ms_per_step'][name]:.0f} ms = **{r:.2f}×**" for name, r in c["ratios"].items())
-        lines.append(f"- Wall-clock per step on this CPU ({c['how']}): baseline {c['ms_per_step']['baseline']:.0f} "
-                     f"ms, {arms} (target ≤ 1.3×).")
+    lines += step_cost_lines(result.get("step_cost") or {})
     lines += ["", f"![validation loss against tokens]({result['png']})", ""]
     return "\n".join(lines)
 
@@ -684,6 +691,19 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path)
 
 
+def write_step_cost(args, tier: str, costs: dict) -> int:
+    """``--timing-only``'s result: ``step-cost-<tier>.json`` in ``--results``, readable by ``--timing-from``."""
+    from gpt2forge.files import atomic_write_text
+
+    result = {"benchmark": "per-step cost (CPU proxy)", "tier": tier, "command": " ".join(["python", *sys.argv]),
+              "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "hardware": hardware_summary("cpu"),
+              "versions": library_versions(), "step_cost": costs}
+    args.results.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.results / f"step-cost-{tier}.json", json.dumps(result, indent=1) + "\n")
+    print("\n".join(step_cost_lines(costs)))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tier", choices=["tiny", "larger"], default="tiny")
@@ -713,6 +733,9 @@ def main() -> int:
     parser.add_argument("--timing-arms", default="", metavar="ARMS",
                         help="arms whose per-step cost is timed, screened ones included (default: every arm of the "
                              "whole protocol); the baseline always is")
+    parser.add_argument("--timing-only", action="store_true",
+                        help="train nothing: time the arms (--timing-arms) and write step-cost-<tier>.json, for "
+                             "--timing-from (timing wants a quiet machine, training does not)")
     parser.add_argument("--timing-from", type=Path, metavar="JSON",
                         help="take the per-step comparison from an earlier results file of the same tier (measured "
                              "on a quiet machine) instead of timing again")
@@ -771,6 +794,10 @@ def run(args) -> int:
     valsets = {name: valset_bytes(work / "data" / name, tier.val_tokens, tier.overrides["train.seq_len"], byte_lengths)
                for name in ("prose", "topics", "hellaswag") if (work / "data" / name).is_dir()}
     ctx = Context(tier, work / "data", valsets, work, args.steps or tier.steps, args.floor, common)
+    rounds, block = (2, 2) if args.quick else (4, 3)
+    if args.timing_only:
+        return write_step_cost(args, tier_name, {mode: step_cost(ctx, timing_arms, rounds, block, compile)
+                                                 for mode, compile in (("eager", False), ("compiled", True))})
 
     steps = {f: max(1, round(ctx.steps * f)) for f in fractions}
     if len(set(steps.values())) < len(steps):
@@ -808,7 +835,7 @@ def run(args) -> int:
         "valsets": valsets, "arms": result_arms, "analysis": analysis, "screen": screen,
         "runs": [r for runs in arm_runs.values() for rs in runs.values() for r in rs],
         "step_cost": (earlier_step_cost(args.timing_from, tier_name) if args.timing_from else None if args.no_timing
-                      else {mode: step_cost(ctx, timing_arms, 2 if args.quick else 4, 2 if args.quick else 3, compile)
+                      else {mode: step_cost(ctx, timing_arms, rounds, block, compile)
                             for mode, compile in (("eager", False), ("compiled", True))}),
         "png": out.with_suffix(".png").name,
     }

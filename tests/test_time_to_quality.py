@@ -212,6 +212,26 @@ def test_arms_are_compared_on_paired_seeds():
     assert 1 < lo <= hi < 1.2  # worse by a constant: more tokens to the modern recipe's loss at N, in every draw
 
 
+def test_timing_only_trains_nothing_and_its_file_feeds_timing_from(tmp_path, monkeypatch):
+    timed = []
+
+    def fake_step_cost(ctx, arms, rounds, steps, compile=False):
+        timed.append(([a.name for a in arms], compile))
+        return {"ms_per_step": {a.name: 10.0 for a in arms}, "ratios": {a.name: 1.0 for a in arms[1:]},
+                "how": "compiled" if compile else "eager"}
+
+    monkeypatch.setattr(ttq, "step_cost", fake_step_cost)
+    monkeypatch.setattr(ttq, "run_many", lambda *a, **k: pytest.fail("--timing-only trained"))
+    monkeypatch.setattr(sys, "argv", ["time_to_quality.py", "--quick", "--timing-only", "--work", str(tmp_path / "w"),
+                                      "--results", str(tmp_path), "--arms", "baseline,modern",
+                                      "--arm", "pe=--optim.muon_ns=polar_express", "--screen", "pe",
+                                      "--timing-arms", "pe"])
+    assert ttq.main() == 0
+    assert timed == [(["baseline", "pe"], False), (["baseline", "pe"], True)]  # a screened arm, and the baseline
+    earlier = ttq.earlier_step_cost(tmp_path / "step-cost-quick.json", "quick")
+    assert set(earlier) == {"eager", "compiled"} and "measured at" in earlier["eager"]["how"]
+
+
 def test_timing_from_an_earlier_result_is_marked_and_checked(tmp_path):
     earlier = tmp_path / "time-to-quality-tiny.json"
     earlier.write_text(json.dumps({"tier": "tiny", "time": "2026-12-05T03:17:15+00:00", "step_cost": {
