@@ -116,10 +116,12 @@ def _modern_optim(**changes) -> dict:
     return {f"optim.{k}": v for k, v in {**optim, **changes}.items() if v is not None}
 
 
-# The `modern` arm is track 3 as published, whatever the recipe adopts on top of it (the recipe's own choice is an
-# arm below): every arm on the modern recipe starts from these values, so the arms stay comparable with the runs
+# The `modern` arm is track 3 as published, whatever the recipe adopts on top of it (the recipe's own choices are
+# arms below): every arm on the modern recipe starts from these values, so the arms stay comparable with the runs
 # already made (a run is cached under its resolved config, see ``run_digest``).
-TRACK3 = {"optim.muon_normuon": False}
+TRACK3_OPTIM = {"muon_normuon": False, "muon_ns": "track3", "muon_momentum_warmup_steps": 0,
+                "muon_momentum_cooldown_steps": 0}
+TRACK3 = {f"optim.{k}": v for k, v in TRACK3_OPTIM.items()}
 
 
 # Step counts in an arm's overrides are for N steps; shorter runs scale them (see ``schedule_overrides``).
@@ -127,7 +129,7 @@ TRACK3 = {"optim.muon_normuon": False}
 ARMS = {a.name: a for a in (
     Arm("baseline", "quickstart", {}, "GPT-2 architecture, AdamW, cosine (the quickstart recipe)"),
     Arm("modern", "quickstart-modern", TRACK3, "track 3: modern architecture, Muon + AdamW, WSD, untied head"),
-    Arm("modern-gpt2arch", "quickstart", _modern_optim(embedding_lr=0.004, muon_normuon=False),
+    Arm("modern-gpt2arch", "quickstart", _modern_optim(embedding_lr=0.004, **TRACK3_OPTIM),
         "architecture off: GPT-2's (tied head, learned positions, LayerNorm, GELU, no soft cap) with the modern "
         "optimizer and schedule"),
     Arm("modern-adamw", "quickstart-modern", {**TRACK3, "optim.optimizer": "adamw", "optim.matrix_lr": 0.003},

@@ -141,6 +141,7 @@ def test_every_built_in_arm_is_its_recipe_with_one_part_switched():
             assert config.optim.optimizer == "muon"
         if name.startswith("modern"):  # every arm starts from track 3, whatever the recipe adopted on top
             assert config.optim.muon_normuon == (name == "modern+normuon"), name
+            assert config.optim.muon_ns == "track3", name
     assert ctx.arm_config(ttq.parse_arm("x=--optim.muon_cautious_wd=true")).optim.muon_normuon is False
     gpt2arch = ctx.arm_config(ttq.ARMS["modern-gpt2arch"])
     assert gpt2arch.model.arch == "gpt2"
