@@ -174,17 +174,17 @@ def _flags(overrides: dict) -> list[str]:
 
 
 def builds_on(arm: Arm, candidates: list[Arm]) -> Arm:
-    """The arm among ``candidates`` that ``arm`` adds to: same recipe, every one of its overrides also ``arm``'s,
-    the most of them. A screened switch is judged against what it would be added to (NorMuon's arm for a switch
-    on top of NorMuon), not against track 3."""
+    """The arm among ``candidates`` that ``arm`` adds to: same recipe, every one of its changes to track 3 also
+    ``arm``'s, the most of them. A screened switch is judged against what it would be added to (NorMuon's arm for a
+    switch on top of NorMuon), not against track 3."""
     def said(a: Arm) -> set:
-        return {tuple(flag.split("=", 1)) for flag in _flags(a.overrides)}
+        return set(_flags(a.overrides)) - set(_flags(TRACK3))
 
     parents = [c for c in candidates if c.recipe == arm.recipe and said(c) <= said(arm)]
     if not parents:
-        raise UserError(f"--screen {arm.name}: no arm of the whole protocol it builds on (its recipe and a subset of "
-                        f"its overrides); add that arm to --arms")
-    return max(parents, key=lambda c: len(c.overrides))
+        raise UserError(f"--screen {arm.name}: no arm of the whole protocol it builds on (on its recipe, with a subset of "
+                        f"its changes to track 3); add that arm to --arms")
+    return max(parents, key=lambda c: len(said(c)))
 
 
 @dataclass

@@ -155,8 +155,13 @@ def test_a_screened_switch_is_compared_with_the_arm_it_builds_on():
     assert ttq.builds_on(ttq.ARMS["modern+value-embeds"], whole).name == "modern"
     both = ttq.parse_arm("both=--optim.muon_normuon=true --optim.muon_momentum_start=0.85")
     assert ttq.builds_on(both, whole).name == "modern+normuon"  # momentum judged on top of NorMuon, not track 3
-    with pytest.raises(ttq.UserError, match="--screen both.*add that arm"):
-        ttq.builds_on(both, whole[:2])  # NorMuon's arm is not in the protocol: nothing it builds on
+    pe = ttq.parse_arm("pe=--optim.muon_ns=polar_express")  # changes a field that track 3 pins
+    assert ttq.builds_on(pe, whole).name == "modern"
+    pe_on_normuon = ttq.parse_arm("pe=--optim.muon_normuon=true --optim.muon_ns=polar_express")
+    assert ttq.builds_on(pe_on_normuon, whole).name == "modern+normuon"
+    assert ttq.builds_on(both, whole[:2]).name == "modern"  # without NorMuon's arm: the nearest, track 3
+    with pytest.raises(ttq.UserError, match="--screen modern-gpt2arch.*add that arm"):
+        ttq.builds_on(ttq.ARMS["modern-gpt2arch"], whole[1:])  # no arm on its recipe (the baseline's)
     assert ttq.builds_on(ttq.ARMS["modern-gpt2arch"], whole).name == "baseline"  # the quickstart recipe's arm
 
 
