@@ -182,8 +182,8 @@ def builds_on(arm: Arm, candidates: list[Arm]) -> Arm:
 
     parents = [c for c in candidates if c.recipe == arm.recipe and said(c) <= said(arm)]
     if not parents:
-        raise UserError(f"--screen {arm.name}: no arm of the whole protocol it builds on (on its recipe, with a subset of "
-                        f"its changes to track 3); add that arm to --arms")
+        raise UserError(f"--screen {arm.name}: no arm of the whole protocol it builds on (on its recipe, with a "
+                        "subset of its changes to track 3); add that arm to --arms")
     return max(parents, key=lambda c: len(said(c)))
 
 
