@@ -173,7 +173,7 @@ def _flags(overrides: dict) -> list[str]:
     return [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides.items()]
 
 
-def builds_on(arm: Arm, candidates: list[Arm]) -> Arm:
+def builds_on(arm: Arm, candidates: list[Arm], chosen: str = "") -> Arm:
     """The arm among ``candidates`` that ``arm`` adds to: same recipe, every one of its changes to track 3 also
     ``arm``'s, the most of them. A screened switch is judged against what it would be added to (NorMuon's arm for a
     switch on top of NorMuon), not against track 3."""
@@ -181,6 +181,10 @@ def builds_on(arm: Arm, candidates: list[Arm]) -> Arm:
         return set(_flags(a.overrides)) - set(_flags(TRACK3))
 
     parents = [c for c in candidates if c.recipe == arm.recipe and said(c) <= said(arm)]
+    if chosen:  # an arm that builds on two (NorMuon and momentum): the one it is to be judged against
+        if chosen not in {c.name for c in parents}:
+            raise UserError(f"--against {arm.name}={chosen}: {arm.name} does not build on it, or it is not in --arms")
+        return next(c for c in parents if c.name == chosen)
     if not parents:
         raise UserError(f"--screen {arm.name}: no arm of the whole protocol it builds on (on its recipe, with a "
                         "subset of its changes to track 3); add that arm to --arms")
@@ -717,6 +721,9 @@ def main() -> int:
                         help="arms (built-in names or --arm names) only screened: trained at N, every seed, at the "
                              "best LR of the arm they build on, and compared with it at N (no sweep, no curve; for a "
                              "tier too slow for the whole protocol)")
+    parser.add_argument("--against", action="append", default=[], metavar="SCREENED=ARM",
+                        help="the whole-protocol arm a screened arm is compared with, where it builds on more than "
+                             "one (default: the one with most of its changes to track 3)")
     parser.add_argument("--steps", type=int, help="N (default: the tier's)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--sweep-seeds", type=int, default=1, help="how many of the seeds the LR sweep runs")
@@ -772,7 +779,10 @@ def run(args) -> int:
     if len(screened) < len(names):
         raise UserError(f"--screen {args.screen}: name built-in arms or --arm names")
     arms = [a for a in arms if a not in screened]
-    base = {arm.name: builds_on(arm, arms) for arm in screened}  # before any training: a missing one fails now
+    against = dict(text.partition("=")[::2] for text in args.against)
+    if unknown := set(against) - {a.name for a in screened}:
+        raise UserError(f"--against: {', '.join(sorted(unknown))} not screened (--screen)")
+    base = {arm.name: builds_on(arm, arms, against.get(arm.name, "")) for arm in screened}  # fails before training
     timing_arms = arms_to_time(args.timing_arms, arms, screened)
     work = args.work / tier_name
     if args.quick:  # a few of the reference manual's pages: real English, tokenized in a second

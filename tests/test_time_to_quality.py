@@ -160,6 +160,13 @@ def test_a_screened_switch_is_compared_with_the_arm_it_builds_on():
     pe_on_normuon = ttq.parse_arm("pe=--optim.muon_normuon=true --optim.muon_ns=polar_express")
     assert ttq.builds_on(pe_on_normuon, whole).name == "modern+normuon"
     assert ttq.builds_on(both, whole[:2]).name == "modern"  # without NorMuon's arm: the nearest, track 3
+    momentum_both = ttq.parse_arm("both=--optim.muon_normuon=true --optim.muon_momentum_start=0.85 "
+                                  "--optim.muon_momentum_warmup_steps=35 --optim.muon_momentum_cooldown_steps=6")
+    two = whole + [ttq.ARMS["modern+momentum"]]  # it builds on both of these: the choice is the caller's
+    assert ttq.builds_on(momentum_both, two).name == "modern+momentum"  # default: the one with most changes
+    assert ttq.builds_on(momentum_both, two, "modern+normuon").name == "modern+normuon"
+    with pytest.raises(ttq.UserError, match="--against both=modern-tied"):
+        ttq.builds_on(momentum_both, two + [ttq.ARMS["modern-tied"]], "modern-tied")
     with pytest.raises(ttq.UserError, match="--screen modern-gpt2arch.*add that arm"):
         ttq.builds_on(ttq.ARMS["modern-gpt2arch"], whole[1:])  # no arm on its recipe (the baseline's)
     assert ttq.builds_on(ttq.ARMS["modern-gpt2arch"], whole).name == "baseline"  # the quickstart recipe's arm
