@@ -46,7 +46,8 @@ proxy trains) and compiled (as the 124M recipes train). Results: ``time-to-quali
 
 ``--screen`` trains an arm at N only, for every seed, and compares it seed by seed with the arm of the whole protocol
 it builds on (``builds_on``: track 3 for a switch alone, NorMuon's arm for a switch added to NorMuon), at that arm's
-best LR: a cheap first look on a tier too slow for the whole protocol, reported apart from it.
+best LR (``--against`` names it where an arm builds on two): a cheap first look on a tier too slow for the whole
+protocol, reported apart from it.
 """
 
 from __future__ import annotations
