@@ -505,6 +505,20 @@ def step_cost(ctx: Context, arms: list[Arm], rounds: int, steps: int, compile: b
                    "every round, median per arm"}
 
 
+def step_costs(ctx: Context, arms: list[Arm], quick: bool) -> dict:
+    """``step_cost`` eager (as the proxy trains) and compiled (as the 124M recipes train)."""
+    rounds, block = (2, 2) if quick else (4, 3)
+    return {mode: step_cost(ctx, arms, rounds, block, compile) for mode, compile in (("eager", False),
+                                                                                     ("compiled", True))}
+
+
+def provenance() -> dict:
+    """What every results file records about how and where it was made."""
+    return {"command": " ".join(["python", *sys.argv]),
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "hardware": hardware_summary("cpu"),
+            "versions": library_versions()}
+
+
 def step_cost_lines(costs: dict) -> list[str]:
     lines = []
     for c in costs.values():
@@ -665,7 +679,7 @@ def ablation_markdown(result: dict) -> str:
         for name, sc in result["screen"].items():
             cells = [f"{sc['val'][n]['loss']:.4f} · {_ci(sc['val'][n]['delta'], sc['val'][n]['interval'], '{:+.4f}')}"
                      for n in names]
-            lines.append(f"| {name} | {sc['about']} | {sc.get('against', 'modern')} | {sc['mult']:g} | "
+            lines.append(f"| {name} | {sc['about']} | {sc['against']} | {sc['mult']:g} | "
                          + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -702,9 +716,7 @@ def write_step_cost(args, tier: str, costs: dict) -> int:
     """``--timing-only``'s result: ``step-cost-<tier>.json`` in ``--results``, readable by ``--timing-from``."""
     from gpt2forge.files import atomic_write_text
 
-    result = {"benchmark": "per-step cost (CPU proxy)", "tier": tier, "command": " ".join(["python", *sys.argv]),
-              "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "hardware": hardware_summary("cpu"),
-              "versions": library_versions(), "step_cost": costs}
+    result = {"benchmark": "per-step cost (CPU proxy)", "tier": tier, **provenance(), "step_cost": costs}
     args.results.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.results / f"step-cost-{tier}.json", json.dumps(result, indent=1) + "\n")
     print("\n".join(step_cost_lines(costs)))
@@ -807,10 +819,8 @@ def run(args) -> int:
     valsets = {name: valset_bytes(work / "data" / name, tier.val_tokens, tier.overrides["train.seq_len"], byte_lengths)
                for name in ("prose", "topics", "hellaswag") if (work / "data" / name).is_dir()}
     ctx = Context(tier, work / "data", valsets, work, args.steps or tier.steps, args.floor, common)
-    rounds, block = (2, 2) if args.quick else (4, 3)
     if args.timing_only:
-        return write_step_cost(args, tier_name, {mode: step_cost(ctx, timing_arms, rounds, block, compile)
-                                                 for mode, compile in (("eager", False), ("compiled", True))})
+        return write_step_cost(args, tier_name, step_costs(ctx, timing_arms, args.quick))
 
     steps = {f: max(1, round(ctx.steps * f)) for f in fractions}
     if len(set(steps.values())) < len(steps):
@@ -840,16 +850,13 @@ def run(args) -> int:
     out = args.results / f"time-to-quality-{tier_name}"
     result = {
         "benchmark": "time to quality (CPU proxy)", "tier": tier_name, "tier_about": tier.about,
-        "command": " ".join(["python", *sys.argv]), "note": args.note,
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "hardware": hardware_summary("cpu"),
-        "versions": library_versions(), "steps": ctx.steps, "tokens_per_step": first.train.total_batch_tokens,
+        **provenance(), "note": args.note, "steps": ctx.steps, "tokens_per_step": first.train.total_batch_tokens,
         "vocab": meta["size"], "data_note": data_note, "data_stats": meta["stats"], "seeds": seeds,
         "sweep_seeds": sweep_seeds, "fractions": fractions, "floor": args.floor, "bootstrap": args.bootstrap,
         "valsets": valsets, "arms": result_arms, "analysis": analysis, "screen": screen,
         "runs": [r for runs in arm_runs.values() for rs in runs.values() for r in rs],
         "step_cost": (earlier_step_cost(args.timing_from, tier_name) if args.timing_from else None if args.no_timing
-                      else {mode: step_cost(ctx, timing_arms, rounds, block, compile)
-                            for mode, compile in (("eager", False), ("compiled", True))}),
+                      else step_costs(ctx, timing_arms, args.quick)),
         "png": out.with_suffix(".png").name,
     }
     for s in result_arms.values():  # JSON keys are strings
