@@ -47,7 +47,8 @@ proxy trains) and compiled (as the 124M recipes train). Results: ``time-to-quali
 ``--screen`` trains an arm at N only, for every seed, and compares it seed by seed with the arm of the whole protocol
 it builds on (``builds_on``: track 3 for a switch alone, NorMuon's arm for a switch added to NorMuon), at that arm's
 best LR (``--against`` names it where an arm builds on two): a cheap first look on a tier too slow for the whole
-protocol, reported apart from it.
+protocol, reported apart from it. An arm of the whole protocol that builds on another arm than track 3 is compared
+with that arm as well (``vs_parent``, "Against the arm it builds on" in the ablation).
 """
 
 from __future__ import annotations
@@ -385,9 +386,13 @@ def tokens_to(params, target: float) -> float:
     return (a / (target - e)) ** (1 / alpha) if target > e and a > 0 else math.inf
 
 
-def analyse(arm_runs: dict, fractions: list[float], valset: str, draws: int, rng) -> dict:
+def analyse(arm_runs: dict, fractions: list[float], valset: str, draws: int, rng, parents: dict | None = None) -> dict:
     """Per arm: mean losses per fraction, the fit, tokens to the baseline's loss at N and the loss at N, each with
-    a bootstrap interval over seeds; ``valset`` picks the validation set."""
+    a bootstrap interval over seeds; ``valset`` picks the validation set. Each arm is compared with the modern
+    recipe (``vs_modern``) and, where ``parents`` names another arm it builds on (a switch added to NorMuon),
+    with that arm too (``vs_parent``), from the same paired draws."""
+    parents = {arm: p for arm, p in (parents or {}).items() if p in arm_runs and p != "modern"}
+    refs = ({"modern"} & set(arm_runs)) | set(parents.values())
 
     def table(runs, pick):  # fraction -> list of per-seed losses, seeds resampled by pick
         out = {}
@@ -405,11 +410,20 @@ def analyse(arm_runs: dict, fractions: list[float], valset: str, draws: int, rng
             means = np.array([np.mean(t[f]) for f in fr])
             params = fit_curve(fr, means)
             out[arm] = {"fit": params, "tokens_to_target": tokens_to(params, target), "loss_at_n": float(means[-1])}
-        if "modern" in out:  # a second, nearer target for the next tier: the modern recipe's own loss at N
-            at = out["modern"]["loss_at_n"]
+        for ref in refs:  # a nearer target for the next tier: the loss at N of the arm a switch is added to
             for arm in tables:
-                out[arm]["tokens_to_modern"] = tokens_to(out[arm]["fit"], at)
+                out[arm].setdefault("tokens_to_arm", {})[ref] = tokens_to(out[arm]["fit"], out[ref]["loss_at_n"])
         return out
+
+    def versus(arm: str, ref: str) -> dict:
+        def near(e):  # tokens to the reference's loss at N, over its own curve's (near 1: fit bias cancels)
+            return e[arm]["tokens_to_arm"][ref] / e[ref]["tokens_to_arm"][ref]
+        return {"against": ref, "loss_at_n": point[arm]["loss_at_n"] - point[ref]["loss_at_n"],
+                "loss_at_n_interval": interval([b[arm]["loss_at_n"] - b[ref]["loss_at_n"] for b in boot]),
+                "tokens_ratio": point[arm]["tokens_to_target"] / point[ref]["tokens_to_target"],
+                "tokens_ratio_interval": interval([b[arm]["tokens_to_target"] / b[ref]["tokens_to_target"]
+                                                   for b in boot]),
+                "tokens_ratio_near": near(point), "tokens_ratio_near_interval": interval([near(b) for b in boot])}
 
     # Paired over seeds: one resample of the seeds per draw, shared by every arm and fraction. A seed fixes the
     # data order (and the initial state of the modules arms share), so arms compared at the same seeds differ
@@ -437,16 +451,8 @@ def analyse(arm_runs: dict, fractions: list[float], valset: str, draws: int, rng
             "tokens_to_target": p["tokens_to_target"],
             "tokens_to_target_interval": interval([b[arm]["tokens_to_target"] for b in boot]),
             "extrapolated": not (min(fractions) <= p["tokens_to_target"] <= max(fractions)),
-            "vs_modern": None if "modern" not in point or arm == "modern" else {
-                "loss_at_n": p["loss_at_n"] - point["modern"]["loss_at_n"],
-                "loss_at_n_interval": interval([b[arm]["loss_at_n"] - b["modern"]["loss_at_n"] for b in boot]),
-                "tokens_ratio": p["tokens_to_target"] / point["modern"]["tokens_to_target"],
-                "tokens_ratio_interval": interval([b[arm]["tokens_to_target"] / b["modern"]["tokens_to_target"]
-                                                   for b in boot]),
-                # tokens to the modern recipe's loss at N, over the modern curve's own (near 1: fit bias cancels)
-                "tokens_ratio_at_modern": p["tokens_to_modern"] / point["modern"]["tokens_to_modern"],
-                "tokens_ratio_at_modern_interval": interval(
-                    [b[arm]["tokens_to_modern"] / b["modern"]["tokens_to_modern"] for b in boot])},
+            "vs_modern": versus(arm, "modern") if "modern" in refs and arm != "modern" else None,
+            "vs_parent": versus(arm, parents[arm]) if arm in parents else None,
         }
     return result
 
@@ -663,10 +669,26 @@ def ablation_markdown(result: dict) -> str:
             delta = "–" if v is None else _ci(v["loss_at_n"], v["loss_at_n_interval"], "{:+.4f}")
             dbpb = "–" if v is None else f"{v['loss_at_n'] * k:+.4f}"
             ratio = "–" if v is None else _frac(v["tokens_ratio"], v["tokens_ratio_interval"])
-            near = "–" if v is None else _frac(v["tokens_ratio_at_modern"], v["tokens_ratio_at_modern_interval"])
+            near = "–" if v is None else _frac(v["tokens_ratio_near"], v["tokens_ratio_near_interval"])
             lines.append(f"| {name} | {result['arms'][name]['about']} | "
                          f"{_ci(arm['loss_at_n'], arm['loss_at_n_interval'])} | {delta} | {dbpb} | "
                          f"{_frac(arm['tokens_to_target'], arm['tokens_to_target_interval'])} | {ratio} | {near} |")
+        lines.append("")
+    built = {n: arm["vs_parent"]["against"] for n, arm in a[next(iter(a))]["arms"].items() if arm.get("vs_parent")}
+    if built:
+        names = list(a)
+        lines += ["## Against the arm it builds on", "",
+                  "A switch added to an arm that is itself more than track 3 (NorMuon, the recipe as shipped), judged "
+                  "against that arm: Δ = the arm's loss at N minus that arm's, and tokens to that arm's loss at N "
+                  "relative to its own, from the same paired draws as above.", "",
+                  "| arm | against | " + " | ".join(f"{n}: Δ (nats)" for n in names) + " | tokens (prose) |",
+                  "|---|---|" + "---:|" * len(names) + "---:|"]
+        for name, against in built.items():
+            cells = [_ci(a[n]["arms"][name]["vs_parent"]["loss_at_n"],
+                         a[n]["arms"][name]["vs_parent"]["loss_at_n_interval"], "{:+.4f}") for n in names]
+            v = a["prose"]["arms"][name]["vs_parent"] if "prose" in a else a[names[0]]["arms"][name]["vs_parent"]
+            lines.append(f"| {name} | {against} | " + " | ".join(cells) + " | "
+                         f"{_frac(v['tokens_ratio_near'], v['tokens_ratio_near_interval'])} |")
         lines.append("")
     if result.get("screen"):
         names = list(a)
@@ -734,9 +756,9 @@ def main() -> int:
                         help="arms (built-in names or --arm names) only screened: trained at N, every seed, at the "
                              "best LR of the arm they build on, and compared with it at N (no sweep, no curve; for a "
                              "tier too slow for the whole protocol)")
-    parser.add_argument("--against", action="append", default=[], metavar="SCREENED=ARM",
-                        help="the whole-protocol arm a screened arm is compared with, where it builds on more than "
-                             "one (default: the one with most of its changes to track 3)")
+    parser.add_argument("--against", action="append", default=[], metavar="ARM=PARENT",
+                        help="the whole-protocol arm an arm (screened or not) is compared with, where it builds on "
+                             "more than one (default: the one with most of its changes to track 3)")
     parser.add_argument("--steps", type=int, help="N (default: the tier's)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--sweep-seeds", type=int, default=1, help="how many of the seeds the LR sweep runs")
@@ -793,9 +815,12 @@ def run(args) -> int:
         raise UserError(f"--screen {args.screen}: name built-in arms or --arm names")
     arms = [a for a in arms if a not in screened]
     against = dict(text.partition("=")[::2] for text in args.against)
-    if unknown := set(against) - {a.name for a in screened}:
-        raise UserError(f"--against: {', '.join(sorted(unknown))} not screened (--screen)")
+    if unknown := set(against) - {a.name for a in arms + screened}:
+        raise UserError(f"--against: {', '.join(sorted(unknown))} is neither in --arms nor --arm nor --screen")
     base = {arm.name: builds_on(arm, arms, against.get(arm.name, "")) for arm in screened}  # fails before training
+    parents = {arm.name: builds_on(arm, [c for c in arms if c is not arm], against.get(arm.name, "")).name
+               for arm in arms if arm.recipe == ARMS["modern"].recipe and arm.name != "modern"
+               and "modern" in {c.name for c in arms}}  # every switch builds on track 3 at least
     timing_arms = arms_to_time(args.timing_arms, arms, screened)
     work = args.work / tier_name
     if args.quick:  # a few of the reference manual's pages: real English, tokenized in a second
@@ -835,7 +860,7 @@ def run(args) -> int:
     result_arms = {arm.name: {"about": arm.about, "recipe": arm.recipe, "overrides": arm.overrides,
                               "params": parameter_split(ctx, arm), "sweep": sweeps[arm.name]} for arm in arms}
     rng = np.random.default_rng(0)
-    analysis = {name: analyse(arm_runs, fractions, name, args.bootstrap, rng) for name in valsets}
+    analysis = {name: analyse(arm_runs, fractions, name, args.bootstrap, rng, parents) for name in valsets}
     screen = {}
     if screened:
         mult = {arm.name: sweeps[base[arm.name].name]["best"] for arm in screened}

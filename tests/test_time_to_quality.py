@@ -217,12 +217,22 @@ def test_arms_are_compared_on_paired_seeds():
         return {f: [{"steps": int(100 * f), "tokens": int(100 * f), "val": {"prose": {
             "loss": 3 + shift + 0.5 * f ** -0.5 + o, "bpb": 1.0}}} for o in offsets] for f in (1.0, 0.5, 0.25)}
 
-    result = ttq.analyse({"baseline": runs(0.5), "modern": runs(0.0), "other": runs(0.02)}, [1.0, 0.5, 0.25],
-                         "prose", 200, np.random.default_rng(0))
+    arms = {"baseline": runs(0.5), "modern": runs(0.0), "other": runs(0.02), "more": runs(0.01)}
+    result = ttq.analyse(arms, [1.0, 0.5, 0.25], "prose", 200, np.random.default_rng(0),
+                         parents={"other": "modern", "more": "other"})
     lo, hi = result["arms"]["other"]["vs_modern"]["loss_at_n_interval"]
     assert lo == pytest.approx(0.02, abs=1e-9) and hi == pytest.approx(0.02, abs=1e-9)
-    lo, hi = result["arms"]["other"]["vs_modern"]["tokens_ratio_at_modern_interval"]
+    lo, hi = result["arms"]["other"]["vs_modern"]["tokens_ratio_near_interval"]
     assert 1 < lo <= hi < 1.2  # worse by a constant: more tokens to the modern recipe's loss at N, in every draw
+    assert result["arms"]["other"]["vs_parent"] is None  # it builds on track 3 itself: vs_modern says it
+    parent = result["arms"]["more"]["vs_parent"]  # a switch on top of `other`, judged against `other`
+    assert parent["against"] == "other"
+    assert parent["loss_at_n_interval"] == pytest.approx([-0.01, -0.01], abs=1e-9)
+    assert parent["tokens_ratio_near_interval"][1] < 1  # better: fewer tokens to `other`'s loss at N, every draw
+    table = ttq.ablation_markdown({"tier": "t", "seeds": [0], "bootstrap": 200, "analysis": {"prose": result},
+                                   "valsets": {"prose": {"tokens": 1, "bytes": 1}},
+                                   "arms": {n: {"about": n} for n in arms}})
+    assert "## Against the arm it builds on" in table and "| more | other | -0.0100 [-0.0100, -0.0100] |" in table
 
 
 def test_timing_only_trains_nothing_and_its_file_feeds_timing_from(tmp_path, monkeypatch):
