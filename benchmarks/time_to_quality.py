@@ -681,12 +681,12 @@ def ablation_markdown(result: dict) -> str:
                   "A switch added to an arm that is itself more than track 3 (NorMuon, the recipe as shipped), judged "
                   "against that arm: Δ = the arm's loss at N minus that arm's, and tokens to that arm's loss at N "
                   "relative to its own, from the same paired draws as above.", "",
-                  "| arm | against | " + " | ".join(f"{n}: Δ (nats)" for n in names) + " | tokens (prose) |",
+                  "| arm | against | " + " | ".join(f"{n}: Δ (nats)" for n in names) + f" | tokens ({names[0]}) |",
                   "|---|---|" + "---:|" * len(names) + "---:|"]
         for name, against in built.items():
             cells = [_ci(a[n]["arms"][name]["vs_parent"]["loss_at_n"],
                          a[n]["arms"][name]["vs_parent"]["loss_at_n_interval"], "{:+.4f}") for n in names]
-            v = a["prose"]["arms"][name]["vs_parent"] if "prose" in a else a[names[0]]["arms"][name]["vs_parent"]
+            v = a[names[0]]["arms"][name]["vs_parent"]
             lines.append(f"| {name} | {against} | " + " | ".join(cells) + " | "
                          f"{_frac(v['tokens_ratio_near'], v['tokens_ratio_near_interval'])} |")
         lines.append("")
