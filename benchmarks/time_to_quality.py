@@ -649,6 +649,7 @@ def to_markdown(result: dict) -> str:
 
 def ablation_markdown(result: dict) -> str:
     a = result["analysis"]
+    names = list(a)  # the val sets
     lines = [f"# Ablation on the CPU proxy: {result['tier']} tier", "",
              f"Each arm against the full modern recipe, every arm LR-tuned on its own (`time-to-quality-"
              f"{result['tier']}.md` has the sweeps, the runs and the fits). Seeds {result['seeds']}; intervals are "
@@ -674,9 +675,8 @@ def ablation_markdown(result: dict) -> str:
                          f"{_ci(arm['loss_at_n'], arm['loss_at_n_interval'])} | {delta} | {dbpb} | "
                          f"{_frac(arm['tokens_to_target'], arm['tokens_to_target_interval'])} | {ratio} | {near} |")
         lines.append("")
-    built = {n: arm["vs_parent"]["against"] for n, arm in a[next(iter(a))]["arms"].items() if arm.get("vs_parent")}
+    built = {n: arm["vs_parent"]["against"] for n, arm in a[names[0]]["arms"].items() if arm.get("vs_parent")}
     if built:
-        names = list(a)
         lines += ["## Against the arm it builds on", "",
                   "A switch added to an arm that is itself more than track 3 (NorMuon, the recipe as shipped), judged "
                   "against that arm: Δ = the arm's loss at N minus that arm's, and tokens to that arm's loss at N "
@@ -691,7 +691,6 @@ def ablation_markdown(result: dict) -> str:
                          f"{_frac(v['tokens_ratio_near'], v['tokens_ratio_near_interval'])} |")
         lines.append("")
     if result.get("screen"):
-        names = list(a)
         lines += ["## Screened at N only", "",
                   "Trained at N with the best LR multiplier of the arm it builds on (not swept for the arm), every "
                   "seed; Δ = the arm's loss at N minus that arm's, seed by seed, mean [95% paired bootstrap "
@@ -818,9 +817,9 @@ def run(args) -> int:
     if unknown := set(against) - {a.name for a in arms + screened}:
         raise UserError(f"--against: {', '.join(sorted(unknown))} is neither in --arms nor --arm nor --screen")
     base = {arm.name: builds_on(arm, arms, against.get(arm.name, "")) for arm in screened}  # fails before training
+    has_track3 = any(c.name == "modern" for c in arms)  # every switch builds on track 3 at least
     parents = {arm.name: builds_on(arm, [c for c in arms if c is not arm], against.get(arm.name, "")).name
-               for arm in arms if arm.recipe == ARMS["modern"].recipe and arm.name != "modern"
-               and "modern" in {c.name for c in arms}}  # every switch builds on track 3 at least
+               for arm in arms if has_track3 and arm.recipe == ARMS["modern"].recipe and arm.name != "modern"}
     timing_arms = arms_to_time(args.timing_arms, arms, screened)
     work = args.work / tier_name
     if args.quick:  # a few of the reference manual's pages: real English, tokenized in a second
