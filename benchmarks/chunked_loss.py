@@ -1,9 +1,16 @@
-"""The chunked cross-entropy before and after it became one custom op: graph size under torch.compile and CPU time.
+"""The chunked cross-entropy before and after a change of ``models/loss.py``: graph size under compile, CPU time.
 
-BEFORE is ``models/loss.py`` at ``--base`` (an ``autograd.Function`` whose chunk loop torch.compile unrolls into
-the graph, with a ``scatter_add_`` on each fp32 chunk), loaded from git into a temporary module; AFTER is the
-current tree's (``gpt2forge::chunked_cross_entropy``: one opaque op each way, its chunks run eagerly for eager
-callers and as compiled per-chunk functions for compiled ones). Measured, side by side in one process:
+BEFORE is ``models/loss.py`` at ``--base``, loaded from git into a temporary module; AFTER is the current tree's.
+Two changes were measured with it (``--name`` keeps their results apart):
+
+- ``chunked-loss-cpu``: BEFORE = 621a58c (an ``autograd.Function`` whose chunk loop torch.compile unrolls into the
+  graph, with a ``scatter_add_`` on each fp32 chunk), AFTER = one custom op each way
+  (``gpt2forge::chunked_cross_entropy``), its chunks run eagerly for eager callers and as compiled per-chunk
+  functions for compiled ones.
+- ``chunked-loss-cpu-chunk-size``: BEFORE = 364543f (256 MB chunks everywhere), AFTER = cache-sized chunks (2 MB)
+  when running eagerly on a CPU (``--base 364543f --rows 2048 --no-graphs``: the quickstart's micro-batch).
+
+Measured, side by side in one process:
 
 - **graph**: FX nodes of the forward and backward graphs AOTAutograd hands to the compiler, at B·T = 8,192 and
   65,536 rows of 50,304 columns (traced on meta tensors, so nothing is computed), and the seconds the trace takes;
@@ -12,9 +19,9 @@ callers and as compiled per-chunk functions for compiled ones). Measured, side b
   on-disk caches off), then ``--rounds`` rounds that run every contender once, the order reversed every other
   round; medians of the rounds in which other processes kept < 0.25 cores busy (of all rounds when none was).
 
-    python benchmarks/chunked_loss.py [--base 621a58c] [--rows 8192] [--rounds 5]
+    python benchmarks/chunked_loss.py [--base 621a58c] [--rows 8192] [--rounds 5] [--no-graphs] [--name NAME]
 
-Results: ``benchmarks/results/chunked-loss-cpu.{json,md}``.
+Results: ``benchmarks/results/<name>.{json,md}`` (default ``chunked-loss-cpu``).
 """
 
 from __future__ import annotations
@@ -57,20 +64,25 @@ def load_before(rev: str, directory: Path):
     return module
 
 
+def forms(module) -> tuple[str, ...]:
+    """The soft-cap forms a version of the loss has (before the forms existed: tanh alone)."""
+    return getattr(module, "SOFTCAP_FORMS", ("tanh",))
+
+
 def loss_fn(module, cap: float, form: str):
-    """The module's chunked loss at one cap (BEFORE has no form argument: it is tanh)."""
-    if module is after:
+    """The module's chunked loss at one cap (a version without forms has no form argument: it is tanh)."""
+    if len(forms(module)) > 1:
         return lambda x, y: module.chunked_cross_entropy(x, y, VOCAB, cap, form)
     assert form == "tanh"
     return lambda x, y: module.chunked_cross_entropy(x, y, VOCAB, cap)
 
 
 def variants(before) -> list[tuple[str, str, object, float, str]]:
-    """(label, version, module, cap, form): BEFORE and AFTER for what both have, AFTER alone for the new form."""
+    """(label, version, module, cap, form): BEFORE and AFTER for what both have, AFTER alone for a new form."""
     out = []
     for label, (cap, form) in CAPS.items():
         for version, module in (("before", before), ("after", after)):
-            if module is before and form != "tanh":
+            if form not in forms(module):
                 continue
             out.append((label, version, module, cap, form))
     return out
@@ -152,23 +164,11 @@ def run_times(before, n_rows: int, rounds: int) -> dict:
             "before_vs_after_values": agreement}
 
 
-def markdown(result: dict) -> str:
-    t = result["time"]
-    lines = [
-        "# Chunked cross-entropy: before (autograd.Function, unrolled under compile) vs after (custom op)",
-        "",
-        f"{result['date']} · `{result['command']}` · before = `{result['base']}`, after = `{result['head']}` · "
-        f"{result['hardware']['cpu']}, {result['hardware']['torch_threads']} threads · torch "
-        f"{result['versions'].get('torch')} · load average {result['load']['load_average_start'][0]} → "
-        f"{result['load']['load_average_end'][0]}, other processes "
-        f"{result['load'].get('other_processes_cores', 'n/a')} cores on average",
-        "",
-        "## Graph size under torch.compile (FX nodes AOTAutograd hands to the compiler, forward + backward)",
-        "",
-        "| loss | rows | before fwd + bwd | after fwd + bwd | before trace s | after trace s |",
-        "|---|---|---|---|---|---|",
-    ]
-    graphs = {(g["loss"], g["rows"], g["version"]): g for g in result["graph"]}
+def _graph_table(graph: list[dict]) -> list[str]:
+    lines = ["## Graph size under torch.compile (FX nodes AOTAutograd hands to the compiler, forward + backward)", "",
+             "| loss | rows | before fwd + bwd | after fwd + bwd | before trace s | after trace s |",
+             "|---|---|---|---|---|---|"]
+    graphs = {(g["loss"], g["rows"], g["version"]): g for g in graph}
     for (label, rows, version), g in graphs.items():
         if version != "after":
             continue
@@ -176,6 +176,23 @@ def markdown(result: dict) -> str:
         nodes = (lambda x: f"{x['forward']} + {x['backward']} = {x['total']}")
         lines.append(f"| {label} | {rows:,} | {nodes(b) if b else '—'} | {nodes(g)} | "
                      f"{b['trace_seconds'] if b else '—'} | {g['trace_seconds']} |")
+    return lines
+
+
+def markdown(result: dict) -> str:
+    t = result["time"]
+    lines = [
+        f"# Chunked cross-entropy: before (`{result['base']}`) vs after (`{result['head']}`)",
+        "",
+        f"{result['date']} · `{result['command']}` · before = `{result['base']}`, after = `{result['head']}` · "
+        f"{result['hardware']['cpu']}, {result['hardware']['torch_threads']} threads · torch "
+        f"{result['versions'].get('torch')} · load average {result['load']['load_average_start'][0]} → "
+        f"{result['load']['load_average_end'][0]}, other processes "
+        f"{result['load'].get('other_processes_cores', 'n/a')} cores on average",
+        "",
+    ]
+    if result["graph"]:
+        lines += _graph_table(result["graph"])
     lines += [
         "",
         f"## CPU forward + backward, fp32, {t['rows']:,} rows × {t['columns']:,} columns (ms, median of the quiet "
@@ -208,6 +225,8 @@ def main(argv=None) -> None:
     parser.add_argument("--base", default="621a58c", help="the revision whose loss.py is BEFORE (default 621a58c)")
     parser.add_argument("--rows", type=int, default=8192, help="B·T rows of the timed loss (default 8192)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds of every contender (default 5)")
+    parser.add_argument("--no-graphs", action="store_true", help="time only (no graph sizes under torch.compile)")
+    parser.add_argument("--name", default="chunked-loss-cpu", help="results file stem (default chunked-loss-cpu)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
     # First calls compile from scratch: no FX-graph or AOTAutograd cache from earlier runs or tests.
@@ -219,15 +238,15 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         before = load_before(args.base, Path(tmp))
         with LoadMeter() as load:
-            graph = run_graphs(before)
+            graph = [] if args.no_graphs else run_graphs(before)
             times = run_times(before, args.rows, args.rounds)
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "command": "python benchmarks/chunked_loss.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "base": args.base, "head": head + ("+dirty" if dirty else ""), "hardware": hardware_summary("cpu"),
               "versions": library_versions(), "load": load.record, "graph": graph, "time": times}
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out / "chunked-loss-cpu.json", result)
-    atomic_write_text(args.out / "chunked-loss-cpu.md", markdown(result))
+    atomic_write_json(args.out / f"{args.name}.json", result)
+    atomic_write_text(args.out / f"{args.name}.md", markdown(result))
     print(markdown(result))
 
 

@@ -42,6 +42,28 @@ def test_chunked_equals_reference_across_chunks(monkeypatch, dtype, cap, form):
     assert torch.count_nonzero(grad[0, :4]) == 0  # ignored targets: no gradient
 
 
+def test_eager_cpu_chunks_are_cache_sized_and_change_no_gradient(monkeypatch):
+    """Eager on a CPU the chunks are cut to ``CPU_EAGER_CHUNK_BYTES`` (compiled callers keep ``CHUNK_BYTES``);
+    every row's gradient is computed on its own, so it is bit for bit that of one whole-batch chunk."""
+    logits = torch.empty(1024, 4096)
+    assert lm.chunk_rows(logits) == lm.CPU_EAGER_CHUNK_BYTES // (4 * 4096) < 1024
+    assert lm.chunk_rows(logits, fused=True) == lm.CHUNK_BYTES // (4 * 4096)
+    torch.manual_seed(4)
+    logits = torch.randn(3, 50, 128) * 6
+    targets = torch.randint(0, 100, (3, 50))
+    targets[0, :5] = IGNORE_INDEX
+    out = []
+    for cpu_bytes in (lm.CHUNK_BYTES, 7 * 4 * 128):  # one chunk of 150 rows; 22 chunks of 7 rows
+        monkeypatch.setattr(lm, "CPU_EAGER_CHUNK_BYTES", cpu_bytes)
+        x = logits.clone().requires_grad_()
+        value = lm.chunked_cross_entropy(x, targets, 100, 15.0, "algebraic")
+        value.backward()
+        out.append((value, x.grad))
+    (whole, whole_grad), (chunked, grad) = out
+    assert torch.equal(grad, whole_grad)
+    assert chunked.item() == pytest.approx(whole.item(), rel=1e-6)  # the per-chunk sums add in another order
+
+
 def test_padded_columns_never_reach_the_softmax():
     logits = torch.zeros(4, 64)
     logits[:, 50:] = 1e4  # loud padding: a softmax that saw it would put all mass there

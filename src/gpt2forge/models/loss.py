@@ -10,6 +10,13 @@ Two implementations of the same number (to fp32 rounding), chosen by ``Runtime.l
   applied per chunk. The forward keeps only each row's log-sum-exp; the backward recomputes a chunk's softmax
   and writes the gradient straight into a tensor of the logits' dtype. Peak extra memory: one fp32 chunk.
 
+How big a chunk: on a GPU, and wherever the chunk functions are compiled (one fused pass per chunk), up to
+``CHUNK_BYTES`` (few Python iterations, few kernel launches). Eager on a CPU each chunk goes through about a
+dozen elementwise passes (cap, log-sum-exp, softmax, the cap's derivative), so the chunk is cut to
+``CPU_EAGER_CHUNK_BYTES``, small enough to stay in cache from one pass to the next: 2.2–2.7× faster there
+(``benchmarks/chunked_loss.py``). Each row's values and gradient do not depend on the chunking; only the order in
+which the loss's per-chunk sums are added does.
+
 The chunked loss is one custom op (``gpt2forge::chunked_cross_entropy``, with its backward another), so
 ``torch.compile`` sees one opaque node with a fake impl instead of the chunk loop unrolled (~50 copies of the
 chunk's graph at B=64, T=1024). Inside, the per-chunk functions run eagerly when the caller is eager, and
@@ -24,6 +31,7 @@ import torch.nn.functional as F
 from .common import IGNORE_INDEX
 
 CHUNK_BYTES = 1 << 28  # one fp32 chunk: 256 MB (1,334 rows of 50,304 columns), whatever the batch
+CPU_EAGER_CHUNK_BYTES = 1 << 21  # eager on a CPU: 2 MB (10 rows of 50,304 columns), kept in cache between passes
 SOFTCAP_FORMS = ("tanh", "algebraic")
 
 
@@ -58,8 +66,10 @@ def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_siz
     return loss
 
 
-def chunk_rows(logits: torch.Tensor) -> int:
-    return max(1, CHUNK_BYTES // (4 * logits.size(1)))
+def chunk_rows(logits: torch.Tensor, fused: bool = False) -> int:
+    """Rows per fp32 chunk: up to ``CHUNK_BYTES``, and cache-sized when running eagerly on a CPU."""
+    budget = CHUNK_BYTES if fused or logits.device.type != "cpu" else min(CHUNK_BYTES, CPU_EAGER_CHUNK_BYTES)
+    return max(1, budget // (4 * logits.size(1)))
 
 
 def _capped(raw: torch.Tensor, vocab_size: int, cap: float, form: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -136,7 +146,7 @@ def _chunked_loss(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, 
     picked = torch.where(valid, targets, 0)
     lse = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)
     total = torch.zeros((), dtype=torch.float32, device=logits.device)
-    forward, rows = _chunk_fn("forward", fused), chunk_rows(logits)
+    forward, rows = _chunk_fn("forward", fused), chunk_rows(logits, fused)
     with _same_dispatch_context():
         for start in range(0, logits.size(0), rows):
             chunk = slice(start, start + rows)
@@ -158,7 +168,7 @@ def _chunked_loss_backward(grad: torch.Tensor, logits: torch.Tensor, targets: to
     picked = torch.where(valid, targets, 0)
     grad_logits = torch.empty_like(logits)
     scale = (grad / valid.sum()).float()
-    backward, rows = _chunk_fn("backward", fused), chunk_rows(logits)
+    backward, rows = _chunk_fn("backward", fused), chunk_rows(logits, fused)
     with _same_dispatch_context():
         for start in range(0, logits.size(0), rows):
             chunk = slice(start, start + rows)
