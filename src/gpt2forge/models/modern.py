@@ -172,7 +172,7 @@ class _ReLUSquared(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (r,) = ctx.saved_tensors
-        return grad * (r * 2)
+        return torch.mul(r, 2).mul_(grad)  # grad·(2r), bit for bit, with one temporary instead of two
 
 
 def relu_squared(x: torch.Tensor) -> torch.Tensor:
