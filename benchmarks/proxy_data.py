@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import sysconfig
 import tokenize
 from pathlib import Path
@@ -145,8 +146,10 @@ class ProxyVocab:
 
 def build(out: Path, size: int, val_tokens: int, heldout: Path | None = None, *, documents=None) -> dict:
     """Write the proxy's shard directories under ``out`` (``prose``: train + val; ``topics`` and ``hellaswag``: val
-    only) and ``vocab.json``; reuse them when ``vocab.json`` says they were built with the same settings.
-    ``documents``: ``{"prose": [...], "topics": [...]}`` to use instead of Python's (the tests' small corpus)."""
+    only) and ``vocab.json``; reuse them when ``vocab.json`` says they were built with the same settings. A set
+    an earlier build wrote and this one does not (``hellaswag`` without ``heldout``) is removed, not left to be
+    scored in another vocabulary. ``documents``: ``{"prose": [...], "topics": [...]}`` to use instead of Python's
+    (the tests' small corpus)."""
     out = Path(out)
     settings = {"format": FORMAT, "size": size, "val_tokens": val_tokens, "heldout": str(heldout) if heldout else None,
                 "documents": "given" if documents else "python"}
@@ -163,6 +166,9 @@ def build(out: Path, size: int, val_tokens: int, heldout: Path | None = None, *,
     sets = {"prose": (prose[:val_tokens], prose[val_tokens:]), "topics": (gpt2_tokens(documents["topics"]), None)}
     if heldout is not None:
         sets["hellaswag"] = (gpt2_tokens(hellaswag_documents(heldout)), None)
+    for stale in ("topics", "hellaswag"):  # a set the last build wrote and this one does not: never score it
+        if stale not in sets and (out / stale).is_dir():
+            shutil.rmtree(out / stale)
     stats = {}
     for name, (val, train) in sets.items():
         (out / name).mkdir(parents=True, exist_ok=True)

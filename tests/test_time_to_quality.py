@@ -40,6 +40,19 @@ def test_proxy_vocabulary_is_lossless_and_spells_rare_tokens_in_bytes():
     assert len(kept) == 1  # a frequent token stays one token
 
 
+def test_proxy_data_keeps_only_the_sets_it_was_built_with(tmp_path):
+    """Rebuilt without ``heldout`` (another checkout, another path), the HellaSwag set an earlier build wrote is
+    removed, and the benchmark scores the sets the build records, not whatever directories are there."""
+    heldout = ROOT / "tests" / "data" / "hellaswag_val_head64.jsonl"
+    documents = {"prose": [f"Paragraph {i} of plain English prose, about tokens and words." for i in range(300)],
+                 "topics": ["Another kind of text, never trained on."] * 20}
+    meta = proxy_data.build(tmp_path, 300, 500, heldout, documents=documents)
+    assert "hellaswag_val" in meta["stats"] and (tmp_path / "hellaswag").is_dir()
+    meta = proxy_data.build(tmp_path, 300, 500, None, documents=documents)
+    assert "hellaswag_val" not in meta["stats"] and not (tmp_path / "hellaswag").exists()
+    assert (tmp_path / "topics").is_dir()
+
+
 def test_sweep_extends_on_the_side_of_the_best_until_it_is_inside(monkeypatch):
     def fake_run(ctx, arm, mult, steps, seed):  # a loss valley at multiplier 8
         return {"val": {"prose": {"loss": 3 + (math.log2(mult) - 3) ** 2 + 0.01 * seed}}}
