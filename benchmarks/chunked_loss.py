@@ -52,9 +52,11 @@ CAPS = {"no cap": (0.0, "tanh"), "tanh cap 15": (CAP, "tanh"), "algebraic cap 15
 
 
 def load_before(rev: str, directory: Path):
-    """``models/loss.py`` as of ``rev``, imported as a module of the package (its relative imports resolve)."""
+    """``models/loss.py`` as of ``rev``, imported as a module of the package (its relative imports resolve). Its
+    custom ops are renamed (``gpt2forge_before::…``): registered under the tree's names, they would replace the
+    tree's own, and AFTER would time BEFORE's code."""
     source = subprocess.run(["git", "show", f"{rev}:src/gpt2forge/models/loss.py"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout
+                            capture_output=True, text=True).stdout.replace('"gpt2forge::', '"gpt2forge_before::')
     path = directory / f"loss_{rev}.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("gpt2forge.models._loss_before", path)
