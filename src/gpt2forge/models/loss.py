@@ -13,9 +13,9 @@ Two implementations of the same number (to fp32 rounding), chosen by ``Runtime.l
 How big a chunk: on a GPU, and wherever the chunk functions are compiled (one fused pass per chunk), up to
 ``CHUNK_BYTES`` (few Python iterations, few kernel launches). Eager on a CPU each chunk goes through about a
 dozen elementwise passes (cap, log-sum-exp, softmax, the cap's derivative), so the chunk is cut to
-``CPU_EAGER_CHUNK_BYTES``, small enough to stay in cache from one pass to the next: 2.2–2.7× faster there
-(``benchmarks/chunked_loss.py``). Each row's values and gradient do not depend on the chunking; only the order in
-which the loss's per-chunk sums are added does.
+``CPU_EAGER_CHUNK_BYTES``, small enough to stay in cache from one pass to the next: 0.48–0.65× the time there
+at 2,048 × 50,304 logits (``benchmarks/results/chunked-loss-cpu-chunk-size.md``). Each row's values and
+gradient do not depend on the chunking; only the order in which the loss's per-chunk sums are added does.
 
 The chunked loss is one custom op (``gpt2forge::chunked_cross_entropy``, with its backward another), so
 ``torch.compile`` sees one opaque node with a fake impl instead of the chunk loop unrolled (~50 copies of the
