@@ -97,7 +97,8 @@ def peak_rss_of_training(overrides: list[str]) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizers.step()
         optimizers.zero_grad(set_to_none=True)
-    return {"measured": (rss_kib("VmHWM") - base) * 1024, "estimated": me.estimate_memory(config, 1, bf16=bf16).total}
+    return {"measured": (rss_kib("VmHWM") - base) * 1024,
+            "estimated": me.estimate_memory(config, 1, bf16=bf16, device_type="cpu").total}
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc to measure peak RSS")
@@ -172,3 +173,20 @@ def test_print_config_shows_the_estimate_as_comments(capsys, tmp_path):
     assert "80 GiB → 8" in header[3]
     (tmp_path / "printed.toml").write_text(printed)
     assert load_config(str(tmp_path / "printed.toml")) == load_config("gpt2-1558m-fineweb-edu-100b")
+
+
+def test_chunked_loss_peak_counts_the_chunks_of_the_device_it_runs_on():
+    """Eager on a CPU the chunked loss works in 2 MB chunks (``models/loss.py``), compiled or on a GPU in up to
+    256 MB ones: the estimate counts the ones the run will have."""
+    from gpt2forge.models import loss as lm
+
+    rows, vocab = 16 * 256, 4096  # SMALL's micro-batch: 4,096 rows of 4,096 columns
+    for compiled in (False, True):
+        config = load_config(None, small(**{"train.loss": "chunked", "train.compile": compiled}))
+        extra = {device: me.loss_peak_bytes(config, 16, False, device) - 2 * 4 * rows * vocab
+                 for device in ("cpu", "cuda")}
+        big = min(rows, lm.CHUNK_BYTES // (4 * vocab)) * 4 * vocab
+        assert extra["cuda"] == me.CHUNKS_ALIVE * big
+        assert extra["cpu"] == me.CHUNKS_ALIVE * (big if compiled else lm.CPU_EAGER_CHUNK_BYTES)
+    eager = load_config(None, small(**{"train.loss": "chunked"}))
+    assert me.estimate_memory(eager, device_type="cpu").total < me.estimate_memory(eager).total

@@ -66,10 +66,14 @@ def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_siz
     return loss
 
 
+def chunk_bytes(device_type: str, fused: bool) -> int:
+    """The most one fp32 chunk may take: ``CHUNK_BYTES``, cut to cache size when running eagerly on a CPU."""
+    return CHUNK_BYTES if fused or device_type != "cpu" else min(CHUNK_BYTES, CPU_EAGER_CHUNK_BYTES)
+
+
 def chunk_rows(logits: torch.Tensor, fused: bool = False) -> int:
-    """Rows per fp32 chunk: up to ``CHUNK_BYTES``, and cache-sized when running eagerly on a CPU."""
-    budget = CHUNK_BYTES if fused or logits.device.type != "cpu" else min(CHUNK_BYTES, CPU_EAGER_CHUNK_BYTES)
-    return max(1, budget // (4 * logits.size(1)))
+    """Rows per fp32 chunk of ``logits`` [rows, V]."""
+    return max(1, chunk_bytes(logits.device.type, fused) // (4 * logits.size(1)))
 
 
 def _capped(raw: torch.Tensor, vocab_size: int, cap: float, form: str) -> tuple[torch.Tensor, torch.Tensor | None]:

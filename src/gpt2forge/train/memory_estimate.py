@@ -24,9 +24,10 @@ Per rank, in bytes (N parameters; FSDP divides the first three by the world size
       bf16 copy under CUDA autocast);
     the backward's working set: one block's MLP-hidden gradients and the residual stream's, B·T·C·(8a + 2f);
 - the head and loss at their peak, with N_t = B·T rows and V the (padded) vocabulary: the chunked loss keeps the
-  logits (a·N_t·V) and writes their gradient (a·N_t·V) while 3 fp32 chunks of ≤ 256 MB are alive (4 with a soft
-  cap); the reference loss's backward holds 4 fp32 [N_t, V] tensors (log-probabilities, their gradient, the
-  softmax's temporaries; 5 with a tanh soft cap, whose tanh is kept; 8 with the algebraic one);
+  logits (a·N_t·V) and writes their gradient (a·N_t·V) while 3 fp32 chunks are alive (4 with a soft cap), of
+  ≤ 256 MB on a GPU or compiled, ≤ 2 MB eager on a CPU (``models/loss.py``); the reference loss's backward
+  holds 4 fp32 [N_t, V] tensors (log-probabilities, their gradient, the softmax's temporaries; 5 with a tanh soft
+  cap, whose tanh is kept; 8 with the algebraic one);
 - DDP: gradient buckets (4N: accelerate's DDP copies gradients into buckets); FSDP: the unsharded parameters and
   gradients of the root (embeddings, head) and of two blocks (the current one and the prefetched one);
 - the optimizer step's temporaries: Muon's Nesterov updates and their orthogonalised copies (2 × its matrices),
@@ -44,14 +45,16 @@ and allocator fragmentation (``fitting_micro_batch`` keeps 10% of the device fre
 Measured on a CPU (torch 2.13, eager; the peak RSS of a fresh process over its baseline while it builds the
 model and optimizers and runs two optimizer steps of the trainer's kind, glibc's mmap threshold fixed at 64 KiB
 so that freed tensors leave the RSS as they leave CUDA's allocated memory), estimate / measured:
-GPT-2 tiny (4×128, vocab 50,304, B=8, T=256, fp32) 0.96 with the reference loss, 1.10 chunked; 6 blocks × 256,
-vocab 4,096, B=16, T=256: GPT-2 chunked fp32 1.02, reference bf16 0.93; modern + Muon chunked fp32 1.01,
-reference bf16 0.91; modern tiny + Muon chunked fp32 1.02, reference fp32 0.97. ``tests/test_memory_estimate.py``
+GPT-2 tiny (4×128, vocab 50,304, B=8, T=256, fp32) 0.96 with the reference loss, 0.93 chunked; 6 blocks × 256,
+vocab 4,096, B=16, T=256: GPT-2 chunked fp32 0.93, reference bf16 0.93; modern + Muon chunked fp32 0.94,
+reference bf16 0.91; modern tiny + Muon chunked fp32 0.93, reference fp32 0.97 (the chunked ones re-measured with
+the CPU's 2 MB chunks, and estimated with them). ``tests/test_memory_estimate.py``
 keeps two of them within ±25%, and the saved-activation formula within 3% of what autograd saves. With glibc's
 default (adaptive) threshold the heap keeps freed mid-size blocks: RSS reads 1.2–1.5× the estimate.
 GPT-2 124M, B=4, T=1024, fp32 (``benchmarks/results/bench-cpu-memory.md``, what a step adds on top of the weights
 and AdamW state, default allocator): gradients + activations + loss peak are estimated at 6,064 MiB with the
-reference loss (measured 5,754: 1.05) and 5,263 MiB chunked (measured 4,933: 1.07).
+reference loss (measured 5,774: 1.05) and 4,501 MiB chunked (measured 4,210: 1.07; 5,263 on a GPU, whose chunks
+are larger).
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ import torch
 from ..config import Config
 from ..errors import UserError
 from ..models import build_model, config_from_dict, parameter_roles
-from ..models.loss import CHUNK_BYTES
+from ..models.loss import chunk_bytes
 
 F32 = 4  # bytes of fp32: parameters, gradients, optimizer state, the residual stream
 CHUNKS_ALIVE = 3  # fp32 chunks of the chunked loss alive at once in its backward
@@ -179,11 +182,12 @@ def activation_bytes(config: Config, micro_batch_size: int, bf16: bool) -> int:
     return saved_activation_bytes(config, micro_batch_size, bf16) + working
 
 
-def loss_peak_bytes(config: Config, micro_batch_size: int, bf16: bool) -> int:
-    """The head's logits and the loss at their peak, on top of the other activations."""
+def loss_peak_bytes(config: Config, micro_batch_size: int, bf16: bool, device_type: str = "cuda") -> int:
+    """The head's logits and the loss at their peak, on top of the other activations (the chunked loss's chunks
+    are as large as on ``device_type``, compiled or not as ``train.compile`` says)."""
     rows, vocab, a = micro_batch_size * config.train.seq_len, config.model.padded_vocab_size, 2 if bf16 else F32
     if config.train.loss == "chunked":
-        chunk = min(rows, max(1, CHUNK_BYTES // (F32 * vocab))) * vocab * F32
+        chunk = min(rows, max(1, chunk_bytes(device_type, config.train.compile) // (F32 * vocab))) * vocab * F32
         capped = bool(getattr(config.model, "logit_softcap", 0))  # a capped chunk keeps its tanh as well
         return 2 * a * rows * vocab + (CHUNKS_ALIVE + capped) * chunk
     copies = REFERENCE_LOSS_COPIES
@@ -194,9 +198,9 @@ def loss_peak_bytes(config: Config, micro_batch_size: int, bf16: bool) -> int:
 
 
 def estimate_memory(config: Config, world_size: int = 1, micro_batch_size: int | None = None,
-                    bf16: bool | None = None) -> MemoryEstimate:
+                    bf16: bool | None = None, device_type: str = "cuda") -> MemoryEstimate:
     """The estimate for ``config`` on ``world_size`` ranks (default micro-batch: ``train.micro_batch_size``;
-    ``bf16`` default: ``assumes_bf16(config)``)."""
+    ``bf16`` default: ``assumes_bf16(config)``) of ``device_type`` (default: a GPU, which it plans for)."""
     b = config.train.micro_batch_size if micro_batch_size is None else micro_batch_size
     bf16 = assumes_bf16(config) if bf16 is None else bf16
     n, o = counts(config), config.optim
@@ -218,7 +222,7 @@ def estimate_memory(config: Config, world_size: int = 1, micro_batch_size: int |
         micro_batch_size=b, world_size=world_size, bf16=bf16,
         weights=-(-F32 * n.total // shard), gradients=-(-F32 * n.total // shard),
         optimizer=-(-optimizer_state // shard), activations=activation_bytes(config, b, bf16),
-        loss_peak=loss_peak_bytes(config, b, bf16), buffers=buffers, optimizer_step=-(-step // shard))
+        loss_peak=loss_peak_bytes(config, b, bf16, device_type), buffers=buffers, optimizer_step=-(-step // shard))
 
 
 def assumes_bf16(config: Config) -> bool:
@@ -255,7 +259,7 @@ def device_memory(device: torch.device | str) -> int | None:
 def memory_summary(config: Config, world_size: int, bf16: bool, device: torch.device | str) -> str:
     """The line the trainer logs before the first step; on a GPU it says when the estimate exceeds the device."""
     try:
-        estimate = estimate_memory(config, world_size, bf16=bf16)
+        estimate = estimate_memory(config, world_size, bf16=bf16, device_type=torch.device(device).type)
     except UserError as error:  # an architecture without a formula: the run goes on without an estimate
         return f"no memory estimate: {error}"
     line = f"memory by the estimate: {estimate.describe()}"
