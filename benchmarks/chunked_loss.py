@@ -194,9 +194,8 @@ def markdown(result: dict) -> str:
         "",
     ]
     if result["graph"]:
-        lines += _graph_table(result["graph"])
+        lines += _graph_table(result["graph"]) + [""]
     lines += [
-        "",
         f"## CPU forward + backward, fp32, {t['rows']:,} rows × {t['columns']:,} columns (ms, median of the quiet "
         f"rounds of {t['rounds']}; min–max)",
         "",
