@@ -35,6 +35,7 @@ from gpt2forge.files import atomic_write_json
 from gpt2forge.tokenizer import EOT_TOKEN, get_tokenizer
 
 FORMAT = 1  # bump when what build() writes changes, so stale directories are rebuilt
+SETS = ("prose", "topics", "hellaswag")  # every set build() can write, in the order they are scored
 
 
 def prose_of(source: str) -> str:
@@ -166,7 +167,7 @@ def build(out: Path, size: int, val_tokens: int, heldout: Path | None = None, *,
     sets = {"prose": (prose[:val_tokens], prose[val_tokens:]), "topics": (gpt2_tokens(documents["topics"]), None)}
     if heldout is not None:
         sets["hellaswag"] = (gpt2_tokens(hellaswag_documents(heldout)), None)
-    for stale in ("topics", "hellaswag"):  # a set the last build wrote and this one does not: never score it
+    for stale in SETS:  # a set the last build wrote and this one does not: never score it
         if stale not in sets and (out / stale).is_dir():
             shutil.rmtree(out / stale)
     stats = {}

@@ -841,7 +841,7 @@ def run(args) -> int:
               "train.device": "cpu", "train.precision": "fp32", "train.compile": False}
     byte_lengths = np.array(meta["byte_lengths"])
     valsets = {name: valset_bytes(work / "data" / name, tier.val_tokens, tier.overrides["train.seq_len"], byte_lengths)
-               for name in ("prose", "topics", "hellaswag") if f"{name}_val" in meta["stats"]}  # as built
+               for name in proxy_data.SETS if f"{name}_val" in meta["stats"]}  # the sets the data was built with
     ctx = Context(tier, work / "data", valsets, work, args.steps or tier.steps, args.floor, common)
     if args.timing_only:
         return write_step_cost(args, tier_name, step_costs(ctx, timing_arms, args.quick))
